@@ -1,0 +1,185 @@
+"""Hugging Face Llama directory <-> xecomla parameter tree, without torch.
+
+The name map is one table of (Hugging Face name, our path, layout); both directions derive from it,
+so import and export cannot drift apart. Layouts: Hugging Face Linear weights are [out, in]; ours
+are [in, ...out] with heads split out, e.g. q_proj [n_h*d_h, D] <-> attn.q [D, n_h, d_h].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+from xecomla.convert.safetensors_io import CheckpointError, read_tensors, write_tensors
+from xecomla.models.config import LlamaConfig
+
+Params = dict[str, Any]
+
+
+def read_llama_config(directory: str) -> LlamaConfig:
+  """Parses a Hugging Face Llama config.json (transformers 5 `rope_parameters`, or the older
+  `rope_theta` / `rope_scaling` fields)."""
+  path = os.path.join(directory, 'config.json')
+  if not os.path.isdir(directory):
+    raise CheckpointError(f'teacher directory {directory} does not exist: set teacher.path to a '
+                          'Hugging Face Llama directory (or a llama2.c .bin file).')
+  if not os.path.exists(path):
+    raise CheckpointError(f'{path} is missing: not a Hugging Face model directory.')
+  with open(path) as f:
+    hf = json.load(f)
+  if hf.get('model_type') != 'llama':
+    raise CheckpointError(f"{path}: model_type {hf.get('model_type')!r} is not supported; "
+                          "xecomla imports Llama checkpoints (model_type 'llama').")
+  rope = dict(hf.get('rope_parameters') or {})
+  legacy = hf.get('rope_scaling') or {}
+  theta = rope.pop('rope_theta', hf.get('rope_theta', 10000.0))
+  if legacy and not rope:
+    rope = dict(legacy)
+    rope.setdefault('rope_type', rope.pop('type', 'default'))
+  rope_type = rope.get('rope_type', 'default')
+  if rope_type not in ('default', 'llama3'):
+    raise CheckpointError(f"{path}: rope_type {rope_type!r} is not supported (default, llama3).")
+  scaling = None
+  if rope_type == 'llama3':
+    scaling = {'rope_type': 'llama3', **{k: rope[k] for k in (
+        'factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings')}}
+  for key in ('attention_bias', 'mlp_bias'):
+    if hf.get(key):
+      raise CheckpointError(f'{path}: {key}=true is not supported (Llama without biases only).')
+  if hf.get('hidden_act', 'silu') != 'silu':
+    raise CheckpointError(f"{path}: hidden_act {hf['hidden_act']!r} is not supported (silu only).")
+  n_heads = hf['num_attention_heads']
+  eos = hf.get('eos_token_id')
+  return LlamaConfig(
+      vocab_size=hf['vocab_size'], dim=hf['hidden_size'], n_layers=hf['num_hidden_layers'],
+      n_heads=n_heads, n_kv_heads=hf.get('num_key_value_heads') or n_heads,
+      head_dim=hf.get('head_dim') or hf['hidden_size'] // n_heads,
+      hidden_dim=hf['intermediate_size'], norm_eps=hf.get('rms_norm_eps', 1e-6),
+      rope_theta=float(theta), rope_scaling=scaling,
+      max_seq_len=hf.get('max_position_embeddings', 2048),
+      tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
+      bos_id=hf.get('bos_token_id'), eos_id=eos[0] if isinstance(eos, list) else eos)
+
+
+def llama_config_json(c: LlamaConfig, dtype: str = 'float32') -> dict[str, Any]:
+  """A transformers-5 config.json for a Llama with these settings."""
+  rope = {'rope_type': 'default', 'rope_theta': c.rope_theta}
+  if c.rope_scaling:
+    rope.update(c.rope_scaling)
+  return {
+      'architectures': ['LlamaForCausalLM'], 'model_type': 'llama',
+      'vocab_size': c.vocab_size, 'hidden_size': c.dim, 'intermediate_size': c.hidden_dim,
+      'num_hidden_layers': c.n_layers, 'num_attention_heads': c.n_heads,
+      'num_key_value_heads': c.n_kv_heads, 'head_dim': c.head_dim, 'hidden_act': 'silu',
+      'max_position_embeddings': c.max_seq_len, 'rms_norm_eps': c.norm_eps,
+      'rope_parameters': rope, 'tie_word_embeddings': c.tie_embeddings,
+      'attention_bias': False, 'mlp_bias': False, 'attention_dropout': 0.0,
+      'bos_token_id': c.bos_id, 'eos_token_id': c.eos_id, 'dtype': dtype, 'use_cache': True,
+  }
+
+
+# ----------------------------------------------------------------------------------------------
+# The name map
+# ----------------------------------------------------------------------------------------------
+
+def _linear(*out_shape: int) -> tuple[Callable, Callable]:
+  """[out, in] <-> [in, *out_shape]."""
+  return (lambda w: w.T.reshape(w.shape[1], *out_shape),
+          lambda p: p.reshape(p.shape[0], -1).T)
+
+
+def _out_linear(*in_shape: int) -> tuple[Callable, Callable]:
+  """[out, in] <-> [*in_shape, out] (attention output projection)."""
+  return (lambda w: w.T.reshape(*in_shape, w.shape[0]),
+          lambda p: p.reshape(-1, p.shape[-1]).T)
+
+
+_SAME = (lambda w: w, lambda p: p)
+
+
+def name_map(c: LlamaConfig) -> list[tuple[str, tuple, tuple[Callable, Callable]]]:
+  """(Hugging Face name, our path as a key tuple, (to_ours, to_hf)) for every tensor."""
+  rows = [('model.embed_tokens.weight', ('embed', 'embedding'), _SAME),
+          ('model.norm.weight', ('final_norm', 'scale'), _SAME)]
+  if not c.tie_embeddings:
+    rows.append(('lm_head.weight', ('lm_head',), _linear(c.vocab_size)))
+  for l in range(c.n_layers):
+    hf, ours = f'model.layers.{l}.', ('layers', l)
+    rows += [
+        (hf + 'input_layernorm.weight', ours + ('attn_norm', 'scale'), _SAME),
+        (hf + 'post_attention_layernorm.weight', ours + ('mlp_norm', 'scale'), _SAME),
+        (hf + 'self_attn.q_proj.weight', ours + ('attn', 'q'), _linear(c.n_heads, c.head_dim)),
+        (hf + 'self_attn.k_proj.weight', ours + ('attn', 'k'), _linear(c.n_kv_heads, c.head_dim)),
+        (hf + 'self_attn.v_proj.weight', ours + ('attn', 'v'), _linear(c.n_kv_heads, c.head_dim)),
+        (hf + 'self_attn.o_proj.weight', ours + ('attn', 'o'), _out_linear(c.n_heads, c.head_dim)),
+        (hf + 'mlp.gate_proj.weight', ours + ('mlp', 'gate'), _linear(c.hidden_dim)),
+        (hf + 'mlp.up_proj.weight', ours + ('mlp', 'up'), _linear(c.hidden_dim)),
+        (hf + 'mlp.down_proj.weight', ours + ('mlp', 'down'), _linear(c.dim)),
+    ]
+  return rows
+
+
+def expected_hf_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
+  d, f, v = c.dim, c.hidden_dim, c.vocab_size
+  qd, kvd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+  shapes = {'model.embed_tokens.weight': (v, d), 'model.norm.weight': (d,), 'lm_head.weight': (v, d)}
+  for l in range(c.n_layers):
+    p = f'model.layers.{l}.'
+    shapes.update({
+        p + 'input_layernorm.weight': (d,), p + 'post_attention_layernorm.weight': (d,),
+        p + 'self_attn.q_proj.weight': (qd, d), p + 'self_attn.k_proj.weight': (kvd, d),
+        p + 'self_attn.v_proj.weight': (kvd, d), p + 'self_attn.o_proj.weight': (d, qd),
+        p + 'mlp.gate_proj.weight': (f, d), p + 'mlp.up_proj.weight': (f, d),
+        p + 'mlp.down_proj.weight': (d, f)})
+  return shapes
+
+
+def set_path(tree: Params, path: tuple, value: Any) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def get_path(tree: Params, path: tuple) -> Any:
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def hf_to_params(c: LlamaConfig, tensors: dict[str, np.ndarray]) -> Params:
+  """Hugging Face tensors -> our float32 parameter tree (nested dicts, layers keyed by int)."""
+  shapes = expected_hf_shapes(c)
+  params: Params = {}
+  for hf_name, path, (to_ours, _) in name_map(c):
+    if hf_name not in tensors:
+      raise CheckpointError(f'tensor {hf_name!r} is missing: the checkpoint does not match its '
+                            'config.json (layers, tied embeddings).')
+    w = np.asarray(tensors[hf_name])
+    if tuple(w.shape) != shapes[hf_name]:
+      raise CheckpointError(f'tensor {hf_name!r} has shape {tuple(w.shape)}, config.json implies '
+                            f'{shapes[hf_name]}: the weights and config.json disagree.')
+    set_path(params, path, to_ours(w.astype(np.float32)))
+  return params
+
+
+def params_to_hf(c: LlamaConfig, params: Params) -> dict[str, np.ndarray]:
+  return {hf_name: np.asarray(to_hf(np.asarray(get_path(params, path))), np.float32)
+          for hf_name, path, (_, to_hf) in name_map(c)}
+
+
+def load_llama(directory: str) -> tuple[LlamaConfig, Params]:
+  """Reads a Hugging Face Llama directory: its config and float32 parameters."""
+  config = read_llama_config(directory)
+  names = [row[0] for row in name_map(config)]
+  return config, hf_to_params(config, read_tensors(directory, names))
+
+
+def save_llama(directory: str, config: LlamaConfig, params: Params) -> None:
+  """Writes config.json and model.safetensors (float32) of a standard Hugging Face Llama."""
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, 'config.json'), 'w') as f:
+    json.dump(llama_config_json(config), f, indent=2)
+  write_tensors(directory, params_to_hf(config, params))

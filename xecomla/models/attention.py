@@ -1,0 +1,42 @@
+"""Masks and the softmax attention kernel shared by teacher (GQA) and student (MLA, explicit path).
+
+Masking is by segment and position: a query attends to a key of the same non-zero segment whose
+position is not later than its own. Packed rows (several documents, positions restarting per
+document) and left-padded generation (padding has segment 0) use the same rule, so attention never
+crosses documents and never sees padding.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30  # finite, so that fully masked (padding) rows give uniform weights, not NaN
+
+
+def attention_mask(q_pos: jax.Array, q_seg: jax.Array, k_pos: jax.Array, k_seg: jax.Array) -> jax.Array:
+  """[B, T] query and [B, S] key positions / segment ids -> boolean mask [B, T, S]."""
+  same = q_seg[:, :, None] == k_seg[:, None, :]
+  causal = k_pos[:, None, :] <= q_pos[:, :, None]
+  return same & causal & (k_seg[:, None, :] > 0)
+
+
+def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
+  """Softmax over the last axis in float32; `mask` broadcasts against `scores`."""
+  scores = jnp.where(mask, scores.astype(jnp.float32), NEG_INF)
+  return jax.nn.softmax(scores, axis=-1)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+  """Grouped-query attention.
+
+  q [B, T, N, H], k [B, S, K, H], v [B, S, K, Hv] with N a multiple of K (query head n uses KV
+  head n // (N / K), as Hugging Face's repeat_kv does); mask [B, T, S]. Returns [B, T, N, Hv].
+  """
+  b, t, n, h = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(b, t, kv_heads, n // kv_heads, h)
+  scores = jnp.einsum('BTKGH,BSKH->BKGTS', q, k, preferred_element_type=jnp.float32) * scale
+  probs = masked_softmax(scores, mask[:, None, None])
+  out = jnp.einsum('BKGTS,BSKH->BTKGH', probs.astype(v.dtype), v)
+  return out.reshape(b, t, n, v.shape[-1])
