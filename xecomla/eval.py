@@ -4,7 +4,8 @@ The definition (README, "Evaluation"): a text file holds documents separated by 
 each document is stripped, encoded with BOS prepended and no EOS, and truncated so that at most
 `max_len` (the model's maximum length) tokens are predicted, each from a context of at most
 `max_len` tokens (i.e. to max_len + 1 tokens); the figure is the mean negative log-likelihood per predicted token over all
-documents (token-weighted), optionally over the first N documents only.
+documents (token-weighted), optionally over the first N documents only. A file that contains no
+`<|endoftext|>` at all (e.g. tiny-shakespeare) is split into documents at blank lines.
 
 Documents are packed several to a row (positions restart, attention never crosses documents), so
 the batch shape is fixed and the result does not depend on the batch size.
@@ -13,6 +14,7 @@ the batch shape is fixed and the result does not depend on the batch size.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import jax
@@ -26,9 +28,12 @@ SEPARATOR = '<|endoftext|>'
 
 
 def read_documents(path: str, max_docs: int | None = None) -> list[str]:
-  """The stripped, non-empty documents of a `<|endoftext|>`-separated text file."""
+  """The stripped, non-empty documents of a `<|endoftext|>`-separated text file (paragraphs, split
+  at blank lines, when the file has no separator)."""
   with open(path, encoding='utf-8') as f:
-    docs = [d.strip() for d in f.read().split(SEPARATOR)]
+    text = f.read()
+  parts = text.split(SEPARATOR) if SEPARATOR in text else re.split(r'\n\s*\n', text)
+  docs = [d.strip() for d in parts]
   docs = [d for d in docs if d]
   return docs[:max_docs] if max_docs else docs
 

@@ -67,7 +67,10 @@ def rope_inv_freq(dim: int, theta: float, scaling: dict[str, Any] | None = None)
   `_compute_llama3_parameters` do, so positions rotate identically.
   """
   exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-  inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
+  # torch's float32 pow is correctly rounded; numpy's float32 pow can be 1 ulp off, so raise in
+  # float64 and round once (bit-identical to transformers on every case tested).
+  power = (np.float64(theta) ** exponent.astype(np.float64)).astype(np.float32)
+  inv_freq = (np.float32(1.0) / power).astype(np.float32)
   kind = (scaling or {}).get('rope_type', 'default')
   if kind == 'default':
     return inv_freq

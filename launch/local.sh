@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Local runner: sets up a virtualenv with the pinned dependencies (once, and again whenever
+# setup.cfg changes), then runs one of
+#   demo [flags]   the main job on the real stories260K model (configs/stories260k.py)
+#   test [args]    the test suite (pytest; slow studies are skipped unless -m slow)
+#   run  [args]    python -m xecomla.main with your own flags
+#   python [args]  the virtualenv's python
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${XECOMLA_VENV:-.venv}"
+stamp="$venv/.xecomla-setup"
+want="$(sha256sum setup.cfg | cut -d' ' -f1)"
+if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setting up $venv (pinned dependencies from setup.cfg)..." >&2
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --upgrade pip
+  "$venv/bin/python" -m pip install -q -e ".[test]"
+  echo "$want" > "$stamp"
+fi
+py="$venv/bin/python"
+cmd="${1:-}"
+shift || true
+case "$cmd" in
+  demo) exec "$py" -m xecomla.main --config=configs/stories260k.py --workdir=runs/demo "$@" ;;
+  test) exec "$py" -m pytest "$@" ;;
+  run) exec "$py" -m xecomla.main "$@" ;;
+  python) exec "$py" "$@" ;;
+  *) echo "usage: bash launch/local.sh demo|test|run|python [args]" >&2; exit 2 ;;
+esac
