@@ -83,4 +83,4 @@ def test_legacy_rope_fields_are_read(hf_llama):
                          'high_freq_factor': 4.0, 'original_max_position_embeddings': 8192}
   json.dump(cfg, open(path, 'w'))
   config = hf.read_llama_config(directory)
-  assert config.rope_theta == 500000.0 and config.rope_scaling['factor'] == 32.0
+  assert config.rope_theta == 500000.0 and config.rope_scaling_dict['factor'] == 32.0

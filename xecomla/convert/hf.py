@@ -68,7 +68,7 @@ def llama_config_json(c: LlamaConfig, dtype: str = 'float32') -> dict[str, Any]:
   """A transformers-5 config.json for a Llama with these settings."""
   rope = {'rope_type': 'default', 'rope_theta': c.rope_theta}
   if c.rope_scaling:
-    rope.update(c.rope_scaling)
+    rope.update(c.rope_scaling_dict)
   return {
       'architectures': ['LlamaForCausalLM'], 'model_type': 'llama',
       'vocab_size': c.vocab_size, 'hidden_size': c.dim, 'intermediate_size': c.hidden_dim,

@@ -25,8 +25,9 @@ class LlamaConfig:
   rope_theta: float = 10000.0
   # None, or the Hugging Face `rope_parameters` of a scaled RoPE, e.g.
   # {'rope_type': 'llama3', 'factor': 32.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
-  #  'original_max_position_embeddings': 8192}.
-  rope_scaling: dict[str, Any] | None = None
+  #  'original_max_position_embeddings': 8192}. Given as a dict, stored as sorted (key, value)
+  # pairs so that the config stays hashable (it is static under jit); read it with `rope_scaling_dict`.
+  rope_scaling: Any = None
   max_seq_len: int = 2048
   tie_embeddings: bool = False
   bos_id: int | None = 1
@@ -39,10 +40,16 @@ class LlamaConfig:
           'every query head must belong to exactly one KV group.')
     if self.head_dim % 2:
       raise ValueError(f'head_dim={self.head_dim} must be even for RoPE.')
+    if isinstance(self.rope_scaling, dict):
+      object.__setattr__(self, 'rope_scaling', tuple(sorted(self.rope_scaling.items())))
     if self.rope_scaling is not None:
-      kind = self.rope_scaling.get('rope_type', 'default')
+      kind = self.rope_scaling_dict.get('rope_type', 'default')
       if kind not in ('default', 'llama3'):
         raise ValueError(f"rope_type {kind!r} is not supported; use 'default' or 'llama3'.")
+
+  @property
+  def rope_scaling_dict(self) -> dict[str, Any] | None:
+    return None if self.rope_scaling is None else dict(self.rope_scaling)
 
   @property
   def group_size(self) -> int:
@@ -53,7 +60,9 @@ class LlamaConfig:
     return self.n_layers * 2 * self.n_kv_heads * self.head_dim
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    d = dataclasses.asdict(self)
+    d['rope_scaling'] = self.rope_scaling_dict
+    return d
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> 'LlamaConfig':

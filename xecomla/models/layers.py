@@ -71,6 +71,7 @@ def rope_inv_freq(dim: int, theta: float, scaling: dict[str, Any] | None = None)
   # float64 and round once (bit-identical to transformers on every case tested).
   power = (np.float64(theta) ** exponent.astype(np.float64)).astype(np.float32)
   inv_freq = (np.float32(1.0) / power).astype(np.float32)
+  scaling = dict(scaling) if scaling else None
   kind = (scaling or {}).get('rope_type', 'default')
   if kind == 'default':
     return inv_freq

@@ -26,7 +26,7 @@ def _inv_freq_cached(dim: int, theta: float, scaling_json: str) -> np.ndarray:
 def teacher_inv_freq(config: LlamaConfig, dim: int | None = None) -> np.ndarray:
   """The teacher's RoPE inverse frequencies over `dim` (default head_dim) dimensions."""
   return _inv_freq_cached(dim or config.head_dim, float(config.rope_theta),
-                          json.dumps(config.rope_scaling, sort_keys=True))
+                          json.dumps(config.rope_scaling_dict, sort_keys=True))
 
 
 class Attention(nnx.Module):

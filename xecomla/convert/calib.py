@@ -1,0 +1,61 @@
+"""Calibration statistics for activation-aware initialisation: per layer, the Gram matrix
+C = X^T X / n of the teacher's attention inputs X (the normed hidden states entering W^Q, W^K,
+W^V) over a small calibration text."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from xecomla import eval as evaluation
+from xecomla.convert import svd
+from xecomla.models import transformer
+from xecomla.models.config import LlamaConfig
+
+
+def attention_input_grams(llama: LlamaConfig, params: dict, seqs: list[list[int]],
+                          row_length: int, batch_rows: int = 8) -> list[np.ndarray]:
+  """Per layer C = X^T X / n over the real (non-padding) tokens of the packed `seqs`."""
+  model = transformer.from_params(llama, params)
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def grams(state, tokens, positions, segment_ids):
+    m = nnx.merge(graphdef, state)
+    _, _, hidden = m(tokens, positions, segment_ids, return_hidden=True)
+    inputs = [m.embed(tokens)] + hidden[:-1]
+    w = (segment_ids > 0).astype(jnp.float32)[..., None]
+    out = []
+    for block, x in zip(m.layers, inputs):
+      h = block.attn_norm(x) * w
+      out.append(jnp.einsum('BTD,BTE->DE', h, h, preferred_element_type=jnp.float32))
+    return out, jnp.sum(w)
+
+  packed = evaluation.pack(seqs, row_length)
+  total = [np.zeros((llama.dim, llama.dim), np.float64) for _ in range(llama.n_layers)]
+  count = 0.0
+  for i in range(0, packed['tokens'].shape[0], batch_rows):
+    g, n = grams(state, *(jnp.asarray(packed[k][i:i + batch_rows])
+                          for k in ('tokens', 'positions', 'segment_ids')))
+    total = [t + np.asarray(x, np.float64) for t, x in zip(total, g)]
+    count += float(n)
+  return [t / count for t in total]
+
+
+def calibration_seqs(tokenizer, path: str, bos_id: int, max_len: int, docs: int,
+                     tokens: int) -> list[list[int]]:
+  """Up to `docs` documents of `path`, encoded like evaluation text, capped at `tokens` in all."""
+  seqs, used = [], 0
+  for s in evaluation.encode_documents(tokenizer, evaluation.read_documents(path, docs), bos_id,
+                                       max_len - 1):
+    if used >= tokens:
+      break
+    seqs.append(s[:tokens - used])
+    used += len(seqs[-1])
+  return seqs
+
+
+def whiteners(grams: list[np.ndarray], damp: float = 1e-2) -> list[np.ndarray]:
+  return [svd.cholesky_whitener(g, damp) for g in grams]

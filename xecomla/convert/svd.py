@@ -1,0 +1,106 @@
+"""Low-rank factorisation and rank selection: pure functions over float32 arrays (jnp.linalg.svd).
+
+For a weight M [d_in, d_out] (row-vector convention, y = x M) and rank r:
+  plain SVD            M = U S V^T,       M ~= (U_r S_r^a) (S_r^(1-a) V_r^T)
+  activation-aware     C = X^T X / n = L L^T (Cholesky, damped), L^T M = U S V^T,
+                       M ~= (L^-T U_r S_r^a) (S_r^(1-a) V_r^T), the rank-r minimiser of ||X M - X A B||_F
+where a = 0 ('up': singular values go to the up-projection, the paper's choice), 1 ('down') or
+1/2 ('split'). Retained energy of rank r: sum_{k<=r} s_k^2 / sum_k s_k^2.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+SIGMA = {'up': 0.0, 'down': 1.0, 'split': 0.5}
+
+
+def spectrum_svd(m: np.ndarray, whiten: np.ndarray | None = None):
+  """SVD of M (or of L^T M with `whiten` = L): returns (U, S, V^T) as float32 numpy arrays."""
+  m = jnp.asarray(m, jnp.float32)
+  if whiten is not None:
+    m = jnp.asarray(whiten, jnp.float32).T @ m
+  u, s, vt = jnp.linalg.svd(m, full_matrices=False)
+  return np.asarray(u), np.asarray(s), np.asarray(vt)
+
+
+def factor(u: np.ndarray, s: np.ndarray, vt: np.ndarray, rank: int, sigma: str = 'up',
+           whiten: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(down [d_in, r], up [r, d_out]) from an SVD; `whiten` = L undoes the whitening on the down side."""
+  if sigma not in SIGMA:
+    raise ValueError(f"sigma={sigma!r}: choose one of {sorted(SIGMA)}")
+  if not 1 <= rank <= len(s):
+    raise ValueError(f'rank {rank} outside 1..{len(s)}')
+  a = SIGMA[sigma]
+  sr = s[:rank].astype(np.float64)
+  down = u[:, :rank] * (sr ** a)[None, :]
+  up = (sr ** (1 - a))[:, None] * vt[:rank]
+  if whiten is not None:
+    # L^-T U_r: solve L^T Y = U_r.
+    down = np.linalg.solve(np.asarray(whiten, np.float64).T, down)
+  return down.astype(np.float32), up.astype(np.float32)
+
+
+def cholesky_whitener(gram: np.ndarray, damp: float = 1e-2) -> np.ndarray:
+  """L with L L^T = C + damp * mean(diag C) * I (the damping keeps L invertible)."""
+  c = np.asarray(gram, np.float64)
+  c = c + damp * np.mean(np.diag(c)) * np.eye(len(c))
+  return np.linalg.cholesky(c)
+
+
+def retained_energy(s: np.ndarray) -> np.ndarray:
+  """e[r-1] = fraction of squared singular values kept by rank r (r = 1..len(s))."""
+  e = np.cumsum(np.asarray(s, np.float64) ** 2)
+  return e / e[-1] if e[-1] > 0 else np.ones_like(e)
+
+
+def round_up(r: int, multiple: int, cap: int) -> int:
+  return min(cap, int(math.ceil(r / multiple) * multiple))
+
+
+def rank_for_energy(s: np.ndarray, delta: float, multiple: int = 1) -> int:
+  """The smallest rank whose retained energy reaches delta, rounded up to a multiple (capped at
+  full rank)."""
+  if not 0.0 < delta <= 1.0:
+    raise ValueError(f'energy threshold {delta} must be in (0, 1]')
+  e = retained_energy(s)
+  r = int(np.searchsorted(e, delta - 1e-12) + 1)
+  return round_up(min(r, len(s)), multiple, len(s))
+
+
+def allocate_budget(spectra: Sequence[np.ndarray], budget: int, multiple: int = 1) -> list[int]:
+  """Per-layer ranks (multiples of `multiple`, at least one chunk each) summing to at most
+  `budget` that maximise the total retained energy sum_l e_l(r_l).
+
+  Greedy by marginal gain, one chunk at a time; optimal because each e_l is concave in r (the
+  singular values are sorted), so chunk gains only decrease.
+  """
+  n = len(spectra)
+  if budget < n * multiple:
+    raise ValueError(f'a budget of {budget} latent values cannot give {n} layers a rank of '
+                     f'{multiple} each: raise the KV fraction or lower round_to.')
+  energies = [retained_energy(s) for s in spectra]
+  caps = [len(s) for s in spectra]
+  ranks = [min(multiple, c) for c in caps]
+  used = sum(ranks)
+
+  def gain(l):
+    r, new = ranks[l], min(ranks[l] + multiple, caps[l])
+    return energies[l][new - 1] - energies[l][r - 1] if new > r else -1.0
+
+  while True:
+    candidates = [(gain(l), -l) for l in range(n)
+                  if ranks[l] < caps[l] and used + min(multiple, caps[l] - ranks[l]) <= budget]
+    if not candidates:
+      return ranks
+    g, neg_l = max(candidates)
+    if g < 0:
+      return ranks
+    l = -neg_l
+    step = min(multiple, caps[l] - ranks[l])
+    ranks[l] += step
+    used += step
