@@ -110,12 +110,25 @@ def params_of(model: Transformer) -> dict:
   return nnx.state(model, nnx.Param).to_pure_dict()
 
 
+def _abstract_state(config: LlamaConfig | MLAConfig):
+  return nnx.state(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))), nnx.Param)
+
+
 def param_axes(config: LlamaConfig | MLAConfig) -> dict:
   """The logical axis names of every parameter, in the same tree layout as the parameters."""
-  abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
-  state = nnx.state(abstract, nnx.Param)
-  return jax.tree.map(lambda v: v.get_metadata()['axes'], state.to_pure_dict() and state,
-                      is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
+  axes: dict = {}
+  for path, var in nnx.to_flat_state(_abstract_state(config)):
+    node = axes
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = var.get_metadata()['axes']
+  return axes
+
+
+def abstract_params(config: LlamaConfig | MLAConfig) -> dict:
+  """jax.ShapeDtypeStruct of every parameter (nothing is allocated)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                      _abstract_state(config).to_pure_dict())
 
 
 def from_params(config: LlamaConfig | MLAConfig, params: dict, **kwargs) -> Transformer:

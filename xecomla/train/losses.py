@@ -27,3 +27,52 @@ def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """log p(target) per position, [B, T]."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+def kd_token_losses(student_logits: jax.Array, teacher_logits: jax.Array, targets: jax.Array,
+                    temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """Per-token KL(p_teacher || p_student) at temperature tau, scaled by tau^2 (so that gradients
+  keep their size across temperatures), and the student's cross-entropy at temperature 1."""
+  t = temperature
+  log_ps = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t, axis=-1)
+  log_pt = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / t, axis=-1)
+  kl = jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1) * (t * t)
+  ce = -token_log_probs(student_logits, targets)
+  return kl, ce
+
+
+def kd_loss_sums(student_logits, teacher_logits, tokens, segment_ids, loss_mask=None, *,
+                 kl_weight=1.0, ce_weight=0.0, temperature=1.0) -> dict[str, jax.Array]:
+  """Sums over the batch's target tokens: `loss` = kl_weight * KL + ce_weight * CE, `kl`, `ce`,
+  and `tokens` (their count). The loss per token is sums['loss'] / sums['tokens']: an average
+  over tokens, not over rows."""
+  targets, w = next_token_targets(tokens, segment_ids, loss_mask)
+  kl, ce = kd_token_losses(student_logits, teacher_logits, targets, temperature)
+  kl_sum, ce_sum = jnp.sum(kl * w), jnp.sum(ce * w)
+  return {'loss': kl_weight * kl_sum + ce_weight * ce_sum, 'kl': kl_sum, 'ce': ce_sum,
+          'tokens': jnp.sum(w)}
+
+
+def hidden_mse_sum(student_hidden, teacher_hidden, segment_ids) -> jax.Array:
+  """Sum over real tokens of the per-layer mean squared difference of the residual streams,
+  averaged over layers."""
+  w = (segment_ids > 0).astype(jnp.float32)
+  per_layer = [jnp.sum(jnp.mean((s.astype(jnp.float32) - t.astype(jnp.float32)) ** 2, -1) * w)
+               for s, t in zip(student_hidden, teacher_hidden)]
+  return sum(per_layer) / len(per_layer)
+
+
+def sequence_log_probs(logits, tokens, segment_ids, loss_mask) -> jax.Array:
+  """Sum of log p(token) over the masked (response) targets of each row: [B]."""
+  targets, w = next_token_targets(tokens, segment_ids, loss_mask)
+  return jnp.sum(token_log_probs(logits, targets) * w, axis=-1)
+
+
+def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float):
+  """Sigmoid DPO (Rafailov et al. 2023): per pair
+  loss = -log sigmoid(beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))]),
+  with rewards beta * (log pi - log ref) for chosen (y_w) and rejected (y_l)."""
+  chosen_reward = beta * (policy_chosen - ref_chosen)
+  rejected_reward = beta * (policy_rejected - ref_rejected)
+  loss = -jax.nn.log_sigmoid(chosen_reward - rejected_reward)
+  return loss, chosen_reward, rejected_reward

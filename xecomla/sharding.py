@@ -1,0 +1,105 @@
+"""The device mesh (data, fsdp, tensor) and logical-axis sharding rules.
+
+Parameters name their logical axes (`models.layers.param`); RULES map each logical axis to mesh
+axes. A dimension whose size does not divide by its mesh axes, or whose mesh axes another
+dimension of the same array already uses, is replicated instead, so any model runs on any mesh
+(e.g. stories260K's 4 KV heads on a tensor axis of 8).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from xecomla.cli import UsageError
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+BATCH_AXES = ('data', 'fsdp')
+
+RULES: tuple[tuple[str, Any], ...] = (
+    ('batch', BATCH_AXES),
+    ('vocab', 'tensor'),
+    ('embed', 'fsdp'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('mlp', 'tensor'),
+    ('head_dim', None),
+    ('q_lora', None),
+    ('kv_lora', None),
+    ('qk_nope', None),
+    ('qk_rope', None),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A (data, fsdp, tensor) mesh over `devices` (default all); data=-1 takes what is left."""
+  devices = list(devices if devices is not None else jax.devices())
+  n = len(devices)
+  if fsdp < 1 or tensor < 1 or (data < 1 and data != -1):
+    raise UsageError(f'mesh sizes must be positive (data may be -1): got data={data}, '
+                     f'fsdp={fsdp}, tensor={tensor}.')
+  if data == -1:
+    if n % (fsdp * tensor):
+      raise UsageError(f'{n} devices do not divide into fsdp={fsdp} x tensor={tensor}: '
+                       'change mesh.fsdp / mesh.tensor.')
+    data = n // (fsdp * tensor)
+  if data * fsdp * tensor != n:
+    raise UsageError(f'mesh data={data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} '
+                     f'devices, but {n} are available: set mesh.data=-1 or sizes whose product is {n}.')
+  grid = np.asarray(devices).reshape(data, fsdp, tensor)
+  return jax.sharding.Mesh(grid, MESH_AXES,
+                           axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def _axes_size(mesh, axes) -> int:
+  axes = (axes,) if isinstance(axes, str) else tuple(axes)
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def spec_for(shape: Sequence[int], logical: Sequence[str | None], mesh,
+             rules=RULES) -> P:
+  """PartitionSpec for an array of `shape` with logical axis names."""
+  table = dict(rules)
+  used: set[str] = set()
+  out = []
+  for size, name in zip(shape, logical):
+    axes = table.get(name) if name is not None else None
+    if axes is None:
+      out.append(None)
+      continue
+    tup = (axes,) if isinstance(axes, str) else tuple(axes)
+    tup = tuple(a for a in tup if mesh.shape[a] > 1)
+    if not tup or used & set(tup) or size % _axes_size(mesh, tup):
+      out.append(None)
+      continue
+    used |= set(tup)
+    out.append(tup[0] if len(tup) == 1 else tup)
+  return P(*out)
+
+
+def tree_shardings(abstract: Any, axes: Any, mesh, rules=RULES) -> Any:
+  """NamedShardings for a tree of arrays given a tree of logical axis tuples of the same layout."""
+  return jax.tree.map(lambda x, a: NamedSharding(mesh, spec_for(x.shape, a, mesh, rules)),
+                      abstract, axes, is_leaf=lambda x: isinstance(x, tuple) and all(
+                          isinstance(e, (str, type(None))) for e in x))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  """Rows over data x fsdp, the sequence axis whole."""
+  axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
+  return NamedSharding(mesh, P(axes if axes else None))
+
+
+def check_batch(batch_size: int, mesh, what: str = 'train.batch_size') -> None:
+  n = _axes_size(mesh, BATCH_AXES)
+  if batch_size % n:
+    raise UsageError(f'{what}={batch_size} is not divisible by data x fsdp = {n} devices: '
+                     'change the batch size or the mesh.')
