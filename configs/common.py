@@ -93,6 +93,7 @@ def base_config() -> config_dict.ConfigDict:
   c.train.eval_docs = 50
   c.train.ckpt_every = 200
   c.train.keep = 2
+  c.train.stop_after = 0          # end the run at this step, checkpointed (resume later); 0 = never
 
   c.distill = config_dict.ConfigDict()
   c.distill.teacher_path = ''    # a larger KD teacher (HF Llama dir); '' = teacher.path

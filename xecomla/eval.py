@@ -83,22 +83,42 @@ def nll_sums_fn(graphdef: nnx.GraphDef):
   return f
 
 
-def evaluate_nll(model, seqs: list[list[int]], *, row_length: int, batch_rows: int = 16) -> dict[str, Any]:
-  """Token-weighted mean NLL of `model` over the encoded documents `seqs`."""
+def packed_batches(seqs: list[list[int]], row_length: int, batch_rows: int) -> list[dict[str, np.ndarray]]:
+  """`seqs` packed into rows, grouped into batches of `batch_rows` (the last padded with empty
+  rows), so that every batch has the same shape."""
   packed = pack(seqs, row_length)
   n_rows = packed['tokens'].shape[0]
   pad = (-n_rows) % batch_rows
   packed = {k: np.concatenate([v, np.zeros((pad, row_length), np.int32)]) for k, v in packed.items()}
-  graphdef, state = nnx.split(model)
-  f = nll_sums_fn(graphdef)
+  return [{k: v[i:i + batch_rows] for k, v in packed.items()} for i in range(0, n_rows + pad, batch_rows)]
+
+
+def nll_of(graphdef: nnx.GraphDef, params, batches: list[dict[str, np.ndarray]],
+           f=None) -> dict[str, Any]:
+  """Token-weighted mean NLL of the model (graphdef, params) over prepared batches."""
+  f = f or nll_sums_fn(graphdef)
   total, count = 0.0, 0.0
-  for i in range(0, n_rows + pad, batch_rows):
-    s, c = f(state, *(jnp.asarray(packed[k][i:i + batch_rows])
-                      for k in ('tokens', 'positions', 'segment_ids')))
+  for b in batches:
+    s, c = f(params, *(jnp.asarray(b[k]) for k in ('tokens', 'positions', 'segment_ids')))
     total += float(s)
     count += float(c)
   mean = total / count
-  return {'nll': mean, 'ppl': math.exp(mean), 'tokens': int(count), 'docs': len(seqs)}
+  return {'nll': mean, 'ppl': math.exp(mean), 'tokens': int(count)}
+
+
+def evaluate_nll(model, seqs: list[list[int]], *, row_length: int, batch_rows: int = 16) -> dict[str, Any]:
+  """Token-weighted mean NLL of `model` over the encoded documents `seqs`."""
+  graphdef, state = nnx.split(model)
+  return {**nll_of(graphdef, state, packed_batches(seqs, row_length, batch_rows)), 'docs': len(seqs)}
+
+
+def nll_evaluator(graphdef: nnx.GraphDef, tokenizer, path: str, *, max_docs: int | None,
+                  bos_id: int, max_len: int, batch_rows: int = 16):
+  """params -> {'nll': ...} on the first max_docs documents of `path` (batches prepared once)."""
+  seqs = encode_documents(tokenizer, read_documents(path, max_docs), bos_id, max_len)
+  batches = packed_batches(seqs, max_len + 1, batch_rows)
+  f = nll_sums_fn(graphdef)
+  return lambda params: {'nll': nll_of(graphdef, params, batches, f)['nll']}
 
 
 def evaluate_text(model, tokenizer, path: str, *, max_docs: int | None, bos_id: int,
@@ -106,3 +126,90 @@ def evaluate_text(model, tokenizer, path: str, *, max_docs: int | None, bos_id: 
   """The README's evaluation definition, end to end, on one text file."""
   seqs = encode_documents(tokenizer, read_documents(path, max_docs), bos_id, max_len)
   return {'path': path, **evaluate_nll(model, seqs, row_length=max_len + 1, batch_rows=batch_rows)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Multiple choice, scored the way lm-evaluation-harness scores acc / acc_norm
+# ----------------------------------------------------------------------------------------------
+
+def read_mc(path: str) -> list[dict[str, Any]]:
+  """JSONL rows {"context": str, "choices": [str, ...], "label": int, "delimiter": " " (optional)}."""
+  import json
+  rows = []
+  with open(path, encoding='utf-8') as f:
+    for n, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      row = json.loads(line)
+      ok = (isinstance(row.get('context'), str) and isinstance(row.get('choices'), list)
+            and row['choices'] and isinstance(row.get('label'), int)
+            and 0 <= row['label'] < len(row['choices']))
+      if not ok:
+        raise ValueError(f'{path}:{n}: a multiple-choice row needs "context" (str), "choices" '
+                         '(non-empty list of str) and "label" (index into choices).')
+      rows.append(row)
+  return rows
+
+
+def continuation_requests(tokenizer, rows, bos_id: int, max_len: int):
+  """Per (row, choice): BOS + tokens of context + delimiter + choice, and how many trailing tokens
+  are the continuation (tokens of the whole string past the context's own tokens, as
+  lm-evaluation-harness splits them); the left is cut to fit max_len + 1 tokens."""
+  reqs = []
+  for i, row in enumerate(rows):
+    ctx = tokenizer.encode(row['context'])
+    for j, choice in enumerate(row['choices']):
+      whole = tokenizer.encode(row['context'] + row.get('delimiter', ' ') + choice)
+      n_cont = max(len(whole) - len(ctx), 1)
+      seq = ([bos_id] + whole)[-(max_len + 1):]
+      reqs.append((i, j, seq, min(n_cont, len(seq) - 1)))
+  return reqs
+
+
+def loglikelihoods(model, seqs_and_lengths, batch_rows: int = 16, bucket: int = 64) -> list[float]:
+  """Sum of log p over the last n tokens of each sequence (each predicted from what precedes it)."""
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def token_logps(state, tokens, segment_ids):
+    logits, _ = nnx.merge(graphdef, state)(tokens, None, segment_ids)
+    targets, _ = next_token_targets(tokens, segment_ids)
+    return token_log_probs(logits, targets)
+
+  order = sorted(range(len(seqs_and_lengths)), key=lambda k: len(seqs_and_lengths[k][0]))
+  out = [0.0] * len(seqs_and_lengths)
+  for start in range(0, len(order), batch_rows):
+    idx = order[start:start + batch_rows]
+    width = max(len(seqs_and_lengths[k][0]) for k in idx)
+    width = -(-width // bucket) * bucket
+    tokens = np.zeros((batch_rows, width), np.int32)
+    seg = np.zeros((batch_rows, width), np.int32)
+    for r, k in enumerate(idx):
+      s = seqs_and_lengths[k][0]
+      tokens[r, :len(s)] = s
+      seg[r, :len(s)] = 1
+    lp = np.asarray(token_logps(state, jnp.asarray(tokens), jnp.asarray(seg)))
+    for r, k in enumerate(idx):
+      s, n = seqs_and_lengths[k]
+      # target of position t is token t + 1: the last n tokens are targets of positions len-1-n..len-2
+      out[k] = float(lp[r, len(s) - 1 - n:len(s) - 1].sum())
+  return out
+
+
+def multiple_choice(model, tokenizer, path: str, *, bos_id: int, batch_rows: int = 16) -> dict[str, Any]:
+  """acc: argmax of summed continuation log-likelihood; acc_norm: argmax of that divided by the
+  choice's length in characters (lm-evaluation-harness `multiple_choice`)."""
+  rows = read_mc(path)
+  reqs = continuation_requests(tokenizer, rows, bos_id, model.llama.max_seq_len)
+  lls = loglikelihoods(model, [(s, n) for _, _, s, n in reqs], batch_rows)
+  per_row: dict[int, list[float]] = {}
+  for (i, j, _, _), ll in zip(reqs, lls):
+    per_row.setdefault(i, []).append(ll)
+  acc = acc_norm = 0.0
+  for i, row in enumerate(rows):
+    ll = np.asarray(per_row[i])
+    lengths = np.asarray([float(len(c)) for c in row['choices']])
+    acc += float(np.argmax(ll) == row['label'])
+    acc_norm += float(np.argmax(ll / lengths) == row['label'])
+  n = len(rows)
+  return {'acc': acc / n, 'acc_norm': acc_norm / n, 'n': n, 'path': path}

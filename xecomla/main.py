@@ -30,7 +30,8 @@ def default_workdir(config_arg: str) -> str:
 def print_summary(results: dict) -> None:
   if not results:
     return
-  print(pipeline.results_markdown(results), end='')
+  from xecomla.stages.evaluate import results_markdown
+  print(results_markdown(results), end="")
   t, s = results.get('teacher', {}), results.get('student')
   if s and t:
     print(f"KV cache: student {s['kv_values_per_token']} vs teacher {t['kv_values_per_token']} "

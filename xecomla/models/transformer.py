@@ -148,3 +148,8 @@ def from_params(config: LlamaConfig | MLAConfig, params: dict, **kwargs) -> Tran
     raise ValueError(f'unexpected parameter {jax.tree_util.keystr(sorted(extra, key=str)[0])}')
   nnx.replace_by_pure_dict(state, params)
   return nnx.merge(graphdef, state)
+
+
+def graphdef(config: LlamaConfig | MLAConfig, **kwargs) -> nnx.GraphDef:
+  """The model's structure (no parameters allocated), for nnx.merge(graphdef, params)."""
+  return nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), **kwargs)))[0]

@@ -1,0 +1,124 @@
+"""Sharded train steps: mesh invariance, accumulation, packing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from xecomla import data, sharding
+from xecomla.convert.upcycle import InitOptions, upcycle
+from xecomla.models import transformer
+from xecomla.models.config import LlamaConfig
+from xecomla.train import losses, optim, steps
+
+TEACHER = LlamaConfig(vocab_size=64, dim=64, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=8,
+                      hidden_dim=96, max_seq_len=64)
+
+
+@pytest.fixture(scope='module')
+def setup():
+  params = transformer.init_params(TEACHER, 0)
+  cfg, student, _ = upcycle(TEACHER, params, InitOptions(r_kv=8, r_q=16, d_r=2, round_to=1))
+  return params, cfg, student
+
+
+def batch(b=8, t=32, seed=0):
+  rng = np.random.default_rng(seed)
+  seg = np.ones((b, t), np.int32)
+  seg[:, t // 2:] = 2  # two documents per row
+  seg[0, -3:] = 0      # some padding
+  pos = np.concatenate([np.arange(t // 2)] * 2)[None].repeat(b, 0).astype(np.int32)
+  return {'tokens': rng.integers(0, 64, (b, t)).astype(np.int32), 'positions': pos,
+          'segment_ids': seg}
+
+
+def one_step(mesh_shape, setup, accum=1, b=None, trainable='all', tx=None):
+  params, cfg, student = setup
+  mesh = sharding.make_mesh(*mesh_shape)
+  loss = steps.kd_loss_fn(transformer.graphdef(cfg), transformer.graphdef(TEACHER),
+                          steps.KDOptions(kl_weight=1.0, ce_weight=0.5))
+  # Plain SGD by default: Adam's first step is lr * sign(g), which turns reduction-order noise in
+  # near-zero gradients into full-size differences and would hide what is compared here.
+  tx = tx or optax.sgd(0.5)
+  trainer = steps.make_trainer(loss, tx, model_config=cfg, frozen_config=TEACHER, mesh=mesh,
+                               accum=accum, trainable=trainable)
+  state = trainer.init_state(jax.device_put(student, trainer.param_shardings))
+  state, metrics = trainer.step(state, jax.device_put(params, trainer.frozen_shardings),
+                                jax.device_put(b or batch(), trainer.batch_sharding))
+  return jax.device_get(state['params']), jax.device_get(metrics), state
+
+
+def test_eight_devices_are_there():
+  assert len(jax.devices()) == 8
+
+
+def test_one_distillation_step_is_the_same_on_every_mesh(setup):
+  ref_params, ref_metrics, _ = one_step((8, 1, 1), setup)
+  for shape in [(2, 4, 1), (2, 2, 2), (1, 1, 8)]:
+    p, m, state = one_step(shape, setup)
+    assert abs(m['loss'] - ref_metrics['loss']) <= 1e-5, (shape, m['loss'], ref_metrics['loss'])
+    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), p, ref_params))
+    assert max(diffs) <= 1e-5, (shape, max(diffs))
+  # The parameters really are sharded on the last mesh (tensor = 8 splits the 8 heads).
+  q = state['params']['layers'][0]['attn']['uq']
+  assert q.sharding.spec[1] == 'tensor'
+
+
+def test_gradient_accumulation_equals_one_large_batch(setup):
+  p1, m1, _ = one_step((8, 1, 1), setup, accum=1)
+  p2, m2, _ = one_step((4, 1, 2), setup, accum=2)
+  assert abs(m1['loss'] - m2['loss']) <= 1e-5
+  assert max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), p1, p2))) <= 1e-5
+
+
+def test_attention_only_training_freezes_the_rest(setup):
+  p, _, _ = one_step((8, 1, 1), setup, trainable='attention',
+                     tx=optim.adamw(lr=1e-2, steps=10, warmup=0, weight_decay=0.01))
+  student = setup[2]
+  np.testing.assert_array_equal(p['layers'][0]['mlp']['up'], student['layers'][0]['mlp']['up'])
+  np.testing.assert_array_equal(p['embed']['embedding'], student['embed']['embedding'])
+  assert np.abs(p['layers'][0]['attn']['dkv'] - student['layers'][0]['attn']['dkv']).max() > 0
+
+
+def test_packed_rows_give_the_same_per_token_loss_as_documents_alone(setup):
+  params = setup[0]
+  model = transformer.from_params(TEACHER, params)
+  rng = np.random.default_rng(5)
+  docs = [list(rng.integers(1, 64, n)) for n in (5, 9, 3, 12, 7, 4)]
+  ds = data.packed_dataset([{'tokens': np.asarray(d, np.int32)} for d in docs], seq_len=16,
+                           batch_size=len(docs), seed=0)
+  b = next(iter(ds))
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda state, t: nnx.merge(graphdef, state)(t)[0])  # right padding is unseen
+  logits, _ = model(jnp.asarray(b['tokens']), jnp.asarray(b['positions']), jnp.asarray(b['segment_ids']))
+  targets, w = losses.next_token_targets(jnp.asarray(b['tokens']), jnp.asarray(b['segment_ids']))
+  packed_nll = np.asarray(-losses.token_log_probs(logits, targets))
+  seen = 0
+  for r in range(b['tokens'].shape[0]):
+    for s in set(b['segment_ids'][r]) - {0}:
+      idx = np.where(b['segment_ids'][r] == s)[0]
+      doc = b['tokens'][r, idx]
+      alone = forward(state, jnp.asarray(np.pad(doc, (0, 16 - len(doc)))[None]))[:, :len(doc)]
+      nll = -np.asarray(losses.token_log_probs(alone, jnp.asarray(np.append(doc[1:], 0)[None])))[0]
+      np.testing.assert_allclose(packed_nll[r, idx[:-1]], nll[:-1], atol=1e-5)
+      assert np.asarray(w)[r, idx[-1]] == 0  # the document's last token predicts nothing
+      seen += 1
+  assert seen > b['tokens'].shape[0]  # really packed several documents to a row
+
+
+def test_uneven_dimensions_fall_back_to_replication():
+  mesh = sharding.make_mesh(1, 1, 8)
+  assert sharding.spec_for((64, 4, 8), ('embed', 'kv_heads', 'head_dim'), mesh) == jax.sharding.PartitionSpec(None, None, None)
+  assert sharding.spec_for((64, 8, 8), ('embed', 'heads', 'head_dim'), mesh) == jax.sharding.PartitionSpec(None, 'tensor', None)
+  mesh = sharding.make_mesh(2, 4, 1)
+  assert sharding.spec_for((64, 172), ('embed', 'mlp'), mesh) == jax.sharding.PartitionSpec('fsdp', None)
+
+
+def test_bad_mesh_is_named():
+  from xecomla.cli import UsageError
+  with pytest.raises(UsageError, match='devices, but 8 are available'):
+    sharding.make_mesh(3, 1, 1)
+  with pytest.raises(UsageError, match='do not divide'):
+    sharding.make_mesh(-1, 3, 1)

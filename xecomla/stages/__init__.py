@@ -1,0 +1,1 @@
+"""The stages of a run: init, distill, dpo, eval, export (each `run(config, workdir)`)."""

@@ -1,0 +1,92 @@
+"""Stage `distill`: knowledge distillation of the init student from a frozen teacher (W/distill).
+
+The teacher is the converted Llama (teacher.path) or a larger one (distill.teacher_path) that
+shares its vocabulary. Loss: kl_weight * KL(teacher || student) + ce_weight * CE per target token,
+plus optional per-layer hidden-state MSE (hidden_weight; same depth and width only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from xecomla import data, eval as evaluation, sharding, workdir as wd
+from xecomla.cli import UsageError
+from xecomla.convert import hf
+from xecomla.models import transformer
+from xecomla.tokenizer import Tokenizer
+from xecomla.train import loop, optim, steps
+
+
+def mesh_of(config):
+  return sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+
+
+def optimizer(config, lr: float, n_steps: int):
+  t = config.train
+  kwargs = dict(lr=lr, steps=n_steps, warmup=t.warmup, min_lr_ratio=t.min_lr_ratio)
+  return (optim.adamw(b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
+                      **kwargs), optim.schedule(**kwargs))
+
+
+def check_vocabulary(student_dir: str, teacher_dir: str, student_vocab: int, teacher_vocab: int):
+  """The KD teacher must predict over the student's vocabulary, token for token."""
+  if student_vocab != teacher_vocab:
+    raise UsageError(f'the distillation teacher {teacher_dir} has a vocabulary of {teacher_vocab} '
+                     f'tokens, the student {student_vocab}: choose a teacher of the same family.')
+  paths = [os.path.join(d, 'tokenizer.json') for d in (student_dir, teacher_dir)]
+  if student_dir != teacher_dir and all(os.path.exists(p) for p in paths):
+    vocabs = [json.load(open(p, encoding='utf-8'))['model'].get('vocab') for p in paths]
+    if vocabs[0] != vocabs[1]:
+      raise UsageError(f'the distillation teacher {teacher_dir} uses a different tokenizer '
+                       'vocabulary than the student: choose a teacher of the same family.')
+
+
+def run(config, workdir: str) -> dict[str, Any]:
+  if not wd.has_checkpoint(workdir, 'init'):
+    raise UsageError(f'no student in {wd.stage_dir(workdir, "init")}: run the init stage first '
+                     '(config.stages=init,distill,...).')
+  dtype = wd.compute_dtype(config)
+  student_cfg, params, _ = wd.load_student_from(workdir, 'init')
+  source_dir = wd.teacher_dir(config, workdir)
+  kd_dir = (wd.hf_dir(config.distill.teacher_path, '', workdir, 'kd_teacher_hf')
+            if config.distill.teacher_path else source_dir)
+  teacher_cfg, teacher_params = hf.load_llama(kd_dir)
+  check_vocabulary(source_dir, kd_dir, student_cfg.llama.vocab_size, teacher_cfg.vocab_size)
+  d = config.distill
+  if d.hidden_weight > 0 and (teacher_cfg.n_layers, teacher_cfg.dim) != (student_cfg.n_layers,
+                                                                        student_cfg.llama.dim):
+    raise UsageError('distill.hidden_weight > 0 needs a teacher of the student\'s depth and width; '
+                     'set it to 0 for this teacher.')
+  t = config.train
+  if t.batch_size % t.accum:
+    raise UsageError(f'train.batch_size={t.batch_size} is not divisible by train.accum={t.accum}.')
+  mesh = mesh_of(config)
+  sharding.check_batch(t.batch_size // t.accum, mesh, 'train.batch_size / train.accum')
+  s_graph = transformer.graphdef(student_cfg, dtype=dtype, remat=t.remat)
+  t_graph = transformer.graphdef(teacher_cfg, dtype=dtype)
+  tx, lr_fn = optimizer(config, t.lr, t.steps)
+  kd = steps.KDOptions(kl_weight=d.kl_weight, ce_weight=d.ce_weight, temperature=d.temperature,
+                       hidden_weight=d.hidden_weight)
+  trainer = steps.make_trainer(steps.kd_loss_fn(s_graph, t_graph, kd), tx, model_config=student_cfg,
+                               frozen_config=teacher_cfg, mesh=mesh, accum=t.accum,
+                               trainable=t.trainable)
+  tokenizer = Tokenizer(source_dir)
+  llama = student_cfg.llama
+  dataset = data.train_dataset(config, tokenizer, llama.bos_id)
+  evaluate = None
+  if t.eval_every and config.eval.path:
+    evaluate = evaluation.nll_evaluator(
+        transformer.graphdef(student_cfg, dtype=dtype), tokenizer, config.eval.path,
+        max_docs=t.eval_docs, bos_id=llama.bos_id, max_len=llama.max_seq_len,
+        batch_rows=config.eval.batch_rows)
+  spec = loop.LoopSpec(steps=t.steps, log_every=t.log_every, eval_every=t.eval_every,
+                       ckpt_every=t.ckpt_every, keep=t.keep,
+                       tokens_per_step=t.batch_size * t.seq_len, stop_after=t.stop_after)
+  meta = {'stage': 'distill', 'model': student_cfg.to_dict(), 'teacher': kd_dir,
+          'config': json.loads(config.to_json_best_effort())}
+  _, summary = loop.run(name='distill', stage_dir=wd.stage_dir(workdir, 'distill'), trainer=trainer,
+                        model_config=student_cfg, params=params, frozen=teacher_params,
+                        dataset=dataset, spec=spec, meta=meta, lr_fn=lr_fn, evaluate=evaluate)
+  return summary

@@ -1,0 +1,102 @@
+"""Stage `dpo`: sigmoid DPO of the latest student (distill, else init) against a frozen copy of
+itself, on preference pairs (W/dpo). The last dpo.eval_pairs pairs are held out for the reward
+metrics reported before and after."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from xecomla import data, sharding, workdir as wd
+from xecomla.cli import UsageError
+from xecomla.models import transformer
+from xecomla.stages.distill import mesh_of, optimizer
+from xecomla.tokenizer import Tokenizer
+from xecomla.train import loop, losses, steps
+
+
+def pair_logps_fn(graphdef):
+  """(params, batch) -> summed response log-probs of chosen and rejected, [B] each."""
+
+  @jax.jit
+  def f(params, b):
+    model = nnx.merge(graphdef, params)
+    out = []
+    for prefix in ('chosen_', 'rejected_'):
+      logits, _ = model(b[prefix + 'tokens'], b[prefix + 'positions'], b[prefix + 'segment_ids'])
+      out.append(losses.sequence_log_probs(logits, b[prefix + 'tokens'], b[prefix + 'segment_ids'],
+                                           b[prefix + 'loss_mask']))
+    return out
+
+  return f
+
+
+def reward_evaluator(graphdef, ref_params, pairs: list[dict[str, np.ndarray]], beta: float,
+                     batch: int = 8):
+  """params -> held-out DPO metrics against the frozen reference (its log-probs computed once),
+  plus `logp_accuracy`: how often the policy itself finds the chosen response more likely."""
+  f = pair_logps_fn(graphdef)
+  n = len(pairs) - len(pairs) % batch or len(pairs)
+  batches = [data.stack(pairs[i:i + batch]) for i in range(0, n, batch)]
+  refs = [f(ref_params, b) for b in batches]
+
+  def evaluate(params):
+    pc, pr, rc, rr = [], [], [], []
+    for b, (c0, r0) in zip(batches, refs):
+      c, r = f(params, b)
+      pc.append(c), pr.append(r), rc.append(c0), rr.append(r0)
+    pc, pr, rc, rr = (np.concatenate([np.asarray(x) for x in v]) for v in (pc, pr, rc, rr))
+    loss, chosen, rejected = (np.asarray(x) for x in losses.dpo_losses(pc, pr, rc, rr, beta))
+    return {'loss': float(loss.mean()), 'reward_accuracy': float(np.mean(chosen > rejected)),
+            'margin': float(np.mean(chosen - rejected)), 'chosen_reward': float(chosen.mean()),
+            'rejected_reward': float(rejected.mean()), 'logp_accuracy': float(np.mean(pc > pr))}
+
+  return evaluate
+
+
+def run(config, workdir: str) -> dict[str, Any]:
+  found = wd.latest_student(workdir, before='dpo')
+  if found is None:
+    raise UsageError('no student to align: run init (and distill) before dpo.')
+  d, t = config.dpo, config.train
+  if not d.path:
+    raise UsageError('dpo.path is empty: set it to a preference JSONL file.')
+  stage, student_cfg, params, _ = found
+  dtype = wd.compute_dtype(config)
+  llama = student_cfg.llama
+  if d.max_len > llama.max_seq_len + 1:
+    raise UsageError(f'dpo.max_len={d.max_len} exceeds the model\'s maximum length '
+                     f'{llama.max_seq_len}: lower it.')
+  tokenizer = Tokenizer(wd.teacher_dir(config, workdir))
+  pairs = data.preference_examples(tokenizer, d.path, bos_id=llama.bos_id, max_len=d.max_len,
+                                   max_prompt_len=d.max_prompt_len)
+  if len(pairs) <= d.eval_pairs + d.batch_size:
+    raise UsageError(f'{d.path} has {len(pairs)} pairs: too few for dpo.eval_pairs={d.eval_pairs} '
+                     f'held out plus a batch of {d.batch_size}.')
+  train_pairs, eval_pairs = pairs[:len(pairs) - d.eval_pairs], pairs[len(pairs) - d.eval_pairs:]
+  mesh = mesh_of(config)
+  sharding.check_batch(d.batch_size, mesh, 'dpo.batch_size')
+  graphdef = transformer.graphdef(student_cfg, dtype=dtype, remat=t.remat)
+  tx, lr_fn = optimizer(config, d.lr, d.steps)
+  trainer = steps.make_trainer(steps.dpo_loss_fn(graphdef, d.beta), tx, model_config=student_cfg,
+                               frozen_config=student_cfg, mesh=mesh, trainable=t.trainable)
+  evaluate = reward_evaluator(transformer.graphdef(student_cfg, dtype=dtype), params, eval_pairs,
+                              d.beta) if d.eval_pairs else None
+  before = evaluate(params) if evaluate else {}
+  spec = loop.LoopSpec(steps=d.steps, log_every=t.log_every, eval_every=t.eval_every or d.steps,
+                       ckpt_every=t.ckpt_every, keep=t.keep, stop_after=t.stop_after)
+  meta = {'stage': 'dpo', 'model': student_cfg.to_dict(), 'reference': stage,
+          'config': json.loads(config.to_json_best_effort())}
+  final, summary = loop.run(name='dpo', stage_dir=wd.stage_dir(workdir, 'dpo'), trainer=trainer,
+                            model_config=student_cfg, params=params, frozen=params,
+                            dataset=data.preference_dataset(train_pairs, batch_size=d.batch_size,
+                                                            seed=config.seed),
+                            spec=spec, meta=meta, lr_fn=lr_fn, evaluate=evaluate)
+  return {**summary, 'heldout_before': before,
+          'heldout_after': evaluate(final) if evaluate else {}, 'reference': stage,
+          'pairs': {'train': len(train_pairs), 'heldout': len(eval_pairs)}}

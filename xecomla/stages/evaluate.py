@@ -1,0 +1,103 @@
+"""Stage `eval`: the teacher and the latest student (dpo, else distill, else init) on every
+evaluation text (README definition), multiple-choice tasks, the KV-cache report and a greedy
+sample; writes W/results.json and W/results.md."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from xecomla import eval as evaluation
+from xecomla import fileio, generate, workdir as wd
+from xecomla.cli import UsageError
+from xecomla.models import kvcache, transformer
+from xecomla.models.config import LlamaConfig
+from xecomla.tokenizer import Tokenizer
+
+
+def text_paths(config) -> list[str]:
+  paths = [config.eval.path] + [p for p in config.eval.extra_paths.split(',') if p]
+  for p in paths:
+    if p and not os.path.exists(p):
+      raise UsageError(f'evaluation text {p} does not exist: fix eval.path / eval.extra_paths.')
+  return [p for p in paths if p]
+
+
+def mc_paths(config) -> list[str]:
+  paths = [p for p in config.eval.mc_paths.split(',') if p]
+  for p in paths:
+    if not os.path.exists(p):
+      raise UsageError(f'multiple-choice file {p} does not exist: fix eval.mc_paths.')
+  return paths
+
+
+def evaluate_model(model, tokenizer: Tokenizer, config, teacher: LlamaConfig) -> dict[str, Any]:
+  """NLL on every evaluation text, multiple-choice accuracy, the KV report, a greedy sample."""
+  llama = model.llama
+  out: dict[str, Any] = {}
+  texts = {}
+  for path in text_paths(config):
+    t0 = time.perf_counter()
+    r = evaluation.evaluate_text(model, tokenizer, path, max_docs=config.eval.max_docs or None,
+                                 bos_id=llama.bos_id, max_len=llama.max_seq_len,
+                                 batch_rows=config.eval.batch_rows)
+    r['seconds'] = round(time.perf_counter() - t0, 2)
+    texts[os.path.basename(path)] = r
+  if texts:
+    first = next(iter(texts.values()))
+    out.update(nll=first['nll'], ppl=first['ppl'], eval_tokens=first['tokens'])
+  out['texts'] = texts
+  tasks = {}
+  for path in mc_paths(config):
+    tasks[os.path.basename(path)] = evaluation.multiple_choice(model, tokenizer, path,
+                                                               bos_id=llama.bos_id)
+  if tasks:
+    out['tasks'] = tasks
+  report = kvcache.kv_report(model.config, dtype_bytes=2, context=llama.max_seq_len,
+                             memory_bytes=int(config.eval.memory_gb * 2 ** 30), teacher=teacher)
+  out['kv_values_per_token'] = report['kv_values_per_token']
+  out['kv_report'] = report
+  if config.eval.sample_tokens:
+    g = generate.generate(model, [[llama.bos_id]], min(config.eval.sample_tokens,
+                                                        llama.max_seq_len - 1))
+    out['sample_ids'] = [llama.bos_id] + g['tokens'][0]
+    out['sample'] = tokenizer.decode(out['sample_ids'])
+  return out
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+  rows = ['| model | held-out NLL | ppl | KV values / token | KV fraction | other texts (NLL) | tasks |',
+          '|---|---|---|---|---|---|---|']
+  for name in ('teacher', 'student'):
+    r = results.get(name)
+    if not r:
+      continue
+    others = ', '.join(f"{k}: {v['nll']:.4f}" for k, v in list(r['texts'].items())[1:])
+    tasks = ', '.join(f"{k}: acc {v['acc']:.3f} / acc_norm {v['acc_norm']:.3f}"
+                      for k, v in r.get('tasks', {}).items())
+    rows.append(f"| {name} | {r.get('nll', float('nan')):.4f} | {r.get('ppl', float('nan')):.3f} | "
+                f"{r['kv_values_per_token']} | {r['kv_report']['kv_fraction']:.1%} | {others} | {tasks} |")
+  return '\n'.join(rows) + '\n'
+
+
+def run(config, workdir: str) -> dict[str, Any]:
+  dtype = wd.compute_dtype(config)
+  directory, llama, params = wd.load_teacher(config, workdir)
+  tokenizer = Tokenizer(directory)
+  results: dict[str, Any] = {'teacher': {'path': directory, **evaluate_model(
+      transformer.from_params(llama, params, dtype=dtype), tokenizer, config, llama)}}
+  found = wd.latest_student(workdir)
+  if found is not None:
+    stage, student_cfg, student_params, meta = found
+    results['student'] = {
+        'stage': stage, 'step': meta.get('summary', {}).get('steps', 0),
+        'ranks': {'r_kv': list(student_cfg.r_kv), 'r_q': list(student_cfg.r_q)},
+        'd_r': student_cfg.d_r, 'rope_pairs': [None if p is None else list(p)
+                                              for p in student_cfg.rope_pairs],
+        'latent_norm': student_cfg.latent_norm,
+        **evaluate_model(transformer.from_params(student_cfg, student_params, dtype=dtype),
+                         tokenizer, config, llama)}
+  fileio.atomic_write_json(os.path.join(workdir, 'results.json'), results)
+  fileio.atomic_write_text(os.path.join(workdir, 'results.md'), results_markdown(results))
+  return results
