@@ -1,0 +1,137 @@
+"""The entry point and its stages on the real stories260K model."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import stories260k
+from tests.conftest import require_shared_data
+from xecomla import pipeline, workdir as wd
+
+
+def small_config(**train):
+  c = stories260k.get_config()
+  c.train.seq_len = 64
+  c.train.batch_size = 8
+  c.train.log_every = 2
+  c.train.ckpt_every = 2
+  c.eval.max_docs = 20
+  c.eval.extra_paths = ''
+  c.eval.sample_tokens = 8
+  for k, v in train.items():
+    c.train[k] = v
+  return c
+
+
+@pytest.fixture(scope='module')
+def init_dir(tmp_path_factory):
+  """A work directory after `init` (shared; tests copy it)."""
+  require_shared_data()
+  d = str(tmp_path_factory.mktemp('pipe') / 'w')
+  c = small_config()
+  c.stages = 'init'
+  pipeline.run(c, d)
+  return d
+
+
+def copy(init_dir, tmp_path, name='w'):
+  d = str(tmp_path / name)
+  shutil.copytree(init_dir, d)
+  return d
+
+
+def test_init_writes_student_and_report(init_dir):
+  report = json.load(open(os.path.join(init_dir, 'init', 'report.json')))
+  assert report['kv_values_per_token'] == 50 and report['teacher_kv_values_per_token'] == 320
+  assert report['ranks']['r_kv'] == [8] * 5
+  cfg, params, _ = wd.load_student_from(init_dir, 'init')
+  assert cfg.r_kv == (8,) * 5 and cfg.d_r == 2
+  assert params['layers'][0]['attn']['dkv'].shape == (64, 8)
+
+
+def test_resumed_run_ends_with_the_same_parameters(init_dir, tmp_path):
+  a, b = copy(init_dir, tmp_path, 'a'), copy(init_dir, tmp_path, 'b')
+  c = small_config(steps=6)
+  c.stages = 'distill'
+  pipeline.run(c, a)
+  c.train.stop_after = 3
+  out = pipeline.run(c, b)
+  assert out['distill']['interrupted'] and out['distill']['steps'] == 3
+  c.train.stop_after = 0
+  pipeline.run(c, b)  # resumes from step 3
+  _, pa, _ = wd.load_student_from(a, 'distill')
+  _, pb, _ = wd.load_student_from(b, 'distill')
+  for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+    np.testing.assert_array_equal(x, y)
+  lines = [json.loads(l) for l in open(os.path.join(b, 'distill', 'metrics.jsonl'))]
+  assert [l['step'] for l in lines] == [2, 3, 4, 6]  # logged steps, none duplicated by the resume
+  ref = [json.loads(l) for l in open(os.path.join(a, 'distill', 'metrics.jsonl'))]
+  assert lines[-1]['loss'] == ref[-1]['loss']  # same data order after the resume
+
+
+def test_short_distillation_lowers_heldout_nll_and_results_follow_the_contract(init_dir, tmp_path):
+  d = copy(init_dir, tmp_path)
+  c = small_config(steps=40, batch_size=16, seq_len=128, lr=3e-3)
+  c.stages = 'eval'
+  before = pipeline.run(c, d)['eval']['student']['nll']
+  c.stages = 'distill,eval'
+  results = pipeline.run(c, d)['eval']
+  assert results['student']['stage'] == 'distill'
+  assert results['student']['nll'] < before - 0.5, (before, results['student']['nll'])
+  on_disk = json.load(open(os.path.join(d, 'results.json')))
+  assert on_disk['teacher']['kv_values_per_token'] == 320
+  assert 1.1 < on_disk['teacher']['nll'] < on_disk['student']['nll']  # first 20 stories only
+  assert on_disk['student']['kv_values_per_token'] == 50
+  assert on_disk['student']['ranks'] == {'r_kv': [8] * 5, 'r_q': [None] * 5}
+  assert os.path.exists(os.path.join(d, 'results.md'))
+  assert os.listdir(os.path.join(d, 'distill', 'tb'))
+
+
+def test_dpo_stage_trains_against_a_frozen_reference(init_dir, tmp_path):
+  d = copy(init_dir, tmp_path)
+  c = small_config()
+  c.stages = 'dpo'
+  c.dpo.steps = 4
+  c.dpo.batch_size = 8
+  c.dpo.lr = 1e-4
+  c.dpo.max_len = 256
+  c.dpo.max_prompt_len = 192
+  c.dpo.eval_pairs = 16
+  out = pipeline.run(c, d)['dpo']
+  assert out['pairs'] == {'train': 268, 'heldout': 16}
+  assert out['heldout_before']['margin'] == 0.0  # the policy starts as the reference
+  assert out['heldout_after']['margin'] != 0.0
+  assert wd.latest_student(d)[0] == 'dpo'
+
+
+def run_main(*args, cwd=None):
+  return subprocess.run([sys.executable, '-m', 'xecomla.main', *args], capture_output=True,
+                        text=True, cwd=cwd or os.getcwd())
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--config.stages=init,train'], "unknown stage 'train'"),
+    (['--config.teacher.path=/nope/model'], 'teacher.path=/nope/model does not exist'),
+    (['--config.mla.d_qk=5'], 'must equal the teacher head_dim 8'),
+    (['--config.mla.rope_dims=middle'], "mla.rope_dims='middle'"),
+    (['--config.dtype=float8'], "dtype 'float8' is not supported"),
+    (['--config.mesh.data=3'], 'devices, but'),
+])
+def test_bad_input_fails_with_one_line_and_exit_2(tmp_path, flags, message):
+  require_shared_data()
+  w = tmp_path / 'w'
+  c = ['--config=configs/stories260k.py', f'--workdir={w}', '--config.stages=init,distill',
+       '--config.train.steps=1', *flags]
+  r = run_main(*c)
+  assert r.returncode == 2, r.stderr[-2000:]
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and message in last, last
+  assert 'Traceback' not in r.stderr
+  if 'teacher.path' in message or 'stage' in message or 'dtype' in message:
+    assert not w.exists()  # rejected before anything was written
