@@ -135,3 +135,44 @@ def test_bad_input_fails_with_one_line_and_exit_2(tmp_path, flags, message):
   assert 'Traceback' not in r.stderr
   if 'teacher.path' in message or 'stage' in message or 'dtype' in message:
     assert not w.exists()  # rejected before anything was written
+
+
+def test_export_stage_command_and_generation_tool(init_dir, tmp_path):
+  d = copy(init_dir, tmp_path)
+  c = small_config()
+  c.stages = 'export'
+  out = pipeline.run(c, d)['export']
+  assert out['path'] == os.path.join(d, 'export', 'hf')
+  from xecomla.export import import_hf
+  cfg, params = import_hf(out['path'])
+  cfg0, params0, _ = wd.load_student_from(d, 'init')
+  assert cfg == cfg0
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params0)):
+    np.testing.assert_array_equal(a, b)
+  r = subprocess.run([sys.executable, '-m', 'xecomla.export', f'--workdir={d}',
+                      f'--out={tmp_path / "cli"}'], capture_output=True, text=True)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert os.path.exists(tmp_path / 'cli' / 'modeling_xecomla.py')
+  r = subprocess.run([sys.executable, '-m', 'xecomla.export', f'--workdir={d}',
+                      f'--out={tmp_path / "cli"}'], capture_output=True, text=True)
+  assert r.returncode == 2 and 'exists and is not empty' in r.stderr.strip().splitlines()[-1]
+  r = subprocess.run([sys.executable, '-m', 'xecomla.tools.generate', f'--model={tmp_path / "cli"}',
+                      '--prompt=Once upon a time', '--max_new_tokens=12'], capture_output=True, text=True)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.startswith('Once upon a time') and 'tokens/s' in r.stdout
+  assert 'cache 50 values per token' in r.stdout
+
+
+def test_eval_stage_scores_multiple_choice_files(init_dir, tmp_path):
+  d = copy(init_dir, tmp_path)
+  mc = tmp_path / 'mc.jsonl'
+  mc.write_text(json.dumps({'context': 'The sun was', 'choices': ['hot', 'purple'], 'label': 0}) + '\n')
+  c = small_config()
+  c.stages = 'eval'
+  c.eval.mc_paths = str(mc)
+  results = pipeline.run(c, d)['eval']
+  for name in ('teacher', 'student'):
+    task = results[name]['tasks']['mc.jsonl']
+    assert task['n'] == 1 and task['acc'] in (0.0, 1.0)
+    assert results[name]['kv_report']['max_context'] > 0
+  assert 'mc.jsonl: acc' in open(os.path.join(d, 'results.md')).read()

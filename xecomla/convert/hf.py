@@ -84,42 +84,93 @@ def llama_config_json(c: LlamaConfig, dtype: str = 'float32') -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # The name map
 # ----------------------------------------------------------------------------------------------
+# A row is (Hugging Face name, our paths, to_ours, to_hf): to_ours maps the HF tensor to one array
+# per path, to_hf maps those arrays back. Most rows are one-to-one; MLA export rows join several
+# of our arrays into one Hugging Face tensor (e.g. kv_b_proj = [W^UK, W^UV] per head).
 
-def _linear(*out_shape: int) -> tuple[Callable, Callable]:
+Row = tuple[str, tuple[tuple, ...], Callable, Callable]
+
+
+def one(hf_name: str, path: tuple, to_ours: Callable = lambda w: w,
+        to_hf: Callable = lambda p: p) -> Row:
+  return (hf_name, (path,), lambda w: (to_ours(w),), lambda ps: to_hf(ps[0]))
+
+
+def linear(*out_shape: int) -> tuple[Callable, Callable]:
   """[out, in] <-> [in, *out_shape]."""
   return (lambda w: w.T.reshape(w.shape[1], *out_shape),
           lambda p: p.reshape(p.shape[0], -1).T)
 
 
-def _out_linear(*in_shape: int) -> tuple[Callable, Callable]:
+def out_linear(*in_shape: int) -> tuple[Callable, Callable]:
   """[out, in] <-> [*in_shape, out] (attention output projection)."""
   return (lambda w: w.T.reshape(*in_shape, w.shape[0]),
           lambda p: p.reshape(-1, p.shape[-1]).T)
 
 
-_SAME = (lambda w: w, lambda p: p)
-
-
-def name_map(c: LlamaConfig) -> list[tuple[str, tuple, tuple[Callable, Callable]]]:
-  """(Hugging Face name, our path as a key tuple, (to_ours, to_hf)) for every tensor."""
-  rows = [('model.embed_tokens.weight', ('embed', 'embedding'), _SAME),
-          ('model.norm.weight', ('final_norm', 'scale'), _SAME)]
+def shared_rows(c: LlamaConfig) -> list[Row]:
+  """Everything but attention: embeddings, norms, MLP, output layer, and W^O."""
+  rows = [one('model.embed_tokens.weight', ('embed', 'embedding')),
+          one('model.norm.weight', ('final_norm', 'scale'))]
   if not c.tie_embeddings:
-    rows.append(('lm_head.weight', ('lm_head',), _linear(c.vocab_size)))
+    rows.append(one('lm_head.weight', ('lm_head',), *linear(c.vocab_size)))
   for l in range(c.n_layers):
     hf, ours = f'model.layers.{l}.', ('layers', l)
     rows += [
-        (hf + 'input_layernorm.weight', ours + ('attn_norm', 'scale'), _SAME),
-        (hf + 'post_attention_layernorm.weight', ours + ('mlp_norm', 'scale'), _SAME),
-        (hf + 'self_attn.q_proj.weight', ours + ('attn', 'q'), _linear(c.n_heads, c.head_dim)),
-        (hf + 'self_attn.k_proj.weight', ours + ('attn', 'k'), _linear(c.n_kv_heads, c.head_dim)),
-        (hf + 'self_attn.v_proj.weight', ours + ('attn', 'v'), _linear(c.n_kv_heads, c.head_dim)),
-        (hf + 'self_attn.o_proj.weight', ours + ('attn', 'o'), _out_linear(c.n_heads, c.head_dim)),
-        (hf + 'mlp.gate_proj.weight', ours + ('mlp', 'gate'), _linear(c.hidden_dim)),
-        (hf + 'mlp.up_proj.weight', ours + ('mlp', 'up'), _linear(c.hidden_dim)),
-        (hf + 'mlp.down_proj.weight', ours + ('mlp', 'down'), _linear(c.dim)),
+        one(hf + 'input_layernorm.weight', ours + ('attn_norm', 'scale')),
+        one(hf + 'post_attention_layernorm.weight', ours + ('mlp_norm', 'scale')),
+        one(hf + 'self_attn.o_proj.weight', ours + ('attn', 'o'), *out_linear(c.n_heads, c.head_dim)),
+        one(hf + 'mlp.gate_proj.weight', ours + ('mlp', 'gate'), *linear(c.hidden_dim)),
+        one(hf + 'mlp.up_proj.weight', ours + ('mlp', 'up'), *linear(c.hidden_dim)),
+        one(hf + 'mlp.down_proj.weight', ours + ('mlp', 'down'), *linear(c.dim)),
     ]
   return rows
+
+
+def name_map(c: LlamaConfig) -> list[Row]:
+  """Every tensor of a Hugging Face Llama."""
+  rows = shared_rows(c)
+  for l in range(c.n_layers):
+    hf, ours = f'model.layers.{l}.self_attn.', ('layers', l, 'attn')
+    rows += [one(hf + 'q_proj.weight', ours + ('q',), *linear(c.n_heads, c.head_dim)),
+             one(hf + 'k_proj.weight', ours + ('k',), *linear(c.n_kv_heads, c.head_dim)),
+             one(hf + 'v_proj.weight', ours + ('v',), *linear(c.n_kv_heads, c.head_dim))]
+  return rows
+
+
+def set_path(tree: Params, path: tuple, value: Any) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def get_path(tree: Params, path: tuple) -> Any:
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def to_params(rows: list[Row], tensors: dict[str, np.ndarray],
+              shapes: dict[str, tuple[int, ...]] | None = None) -> Params:
+  """Hugging Face tensors -> our float32 parameter tree (nested dicts, layers keyed by int)."""
+  params: Params = {}
+  for hf_name, paths, to_ours, _ in rows:
+    if hf_name not in tensors:
+      raise CheckpointError(f'tensor {hf_name!r} is missing: the checkpoint does not match its '
+                            'config.json (layers, tied embeddings).')
+    w = np.asarray(tensors[hf_name])
+    if shapes is not None and tuple(w.shape) != shapes[hf_name]:
+      raise CheckpointError(f'tensor {hf_name!r} has shape {tuple(w.shape)}, config.json implies '
+                            f'{shapes[hf_name]}: the weights and config.json disagree.')
+    for path, value in zip(paths, to_ours(w.astype(np.float32))):
+      set_path(params, path, np.ascontiguousarray(value))
+  return params
+
+
+def to_tensors(rows: list[Row], params: Params) -> dict[str, np.ndarray]:
+  return {hf_name: np.ascontiguousarray(to_hf([np.asarray(get_path(params, p)) for p in paths]),
+                                        dtype=np.float32)
+          for hf_name, paths, _, to_hf in rows}
 
 
 def expected_hf_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -137,37 +188,12 @@ def expected_hf_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
-def set_path(tree: Params, path: tuple, value: Any) -> None:
-  for key in path[:-1]:
-    tree = tree.setdefault(key, {})
-  tree[path[-1]] = value
-
-
-def get_path(tree: Params, path: tuple) -> Any:
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
 def hf_to_params(c: LlamaConfig, tensors: dict[str, np.ndarray]) -> Params:
-  """Hugging Face tensors -> our float32 parameter tree (nested dicts, layers keyed by int)."""
-  shapes = expected_hf_shapes(c)
-  params: Params = {}
-  for hf_name, path, (to_ours, _) in name_map(c):
-    if hf_name not in tensors:
-      raise CheckpointError(f'tensor {hf_name!r} is missing: the checkpoint does not match its '
-                            'config.json (layers, tied embeddings).')
-    w = np.asarray(tensors[hf_name])
-    if tuple(w.shape) != shapes[hf_name]:
-      raise CheckpointError(f'tensor {hf_name!r} has shape {tuple(w.shape)}, config.json implies '
-                            f'{shapes[hf_name]}: the weights and config.json disagree.')
-    set_path(params, path, to_ours(w.astype(np.float32)))
-  return params
+  return to_params(name_map(c), tensors, expected_hf_shapes(c))
 
 
 def params_to_hf(c: LlamaConfig, params: Params) -> dict[str, np.ndarray]:
-  return {hf_name: np.asarray(to_hf(np.asarray(get_path(params, path))), np.float32)
-          for hf_name, path, (_, to_hf) in name_map(c)}
+  return to_tensors(name_map(c), params)
 
 
 def load_llama(directory: str) -> tuple[LlamaConfig, Params]:

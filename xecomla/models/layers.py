@@ -114,7 +114,7 @@ class Embed(nnx.Module):
 
   def __init__(self, vocab: int, dim: int, *, dtype: Dtype = jnp.float32, rngs: nnx.Rngs | None):
     self.dtype = dtype
-    self.embedding = param(rngs, (vocab, dim), ('vocab', 'embed'), fan_in=1)
+    self.embedding = param(rngs, (vocab, dim), ('vocab', 'embed'), fan_in=dim)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)

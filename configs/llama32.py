@@ -1,0 +1,58 @@
+"""Llama-3.2 settings of the X-EcoMLA paper (arXiv 2503.11132, official recipe), shared by
+r_kv_64.py, r_kv_128.py and dynamic.py. Model directories are local Hugging Face checkouts under
+$XECOMLA_MODELS (default ~/models); nothing is downloaded at run time.
+
+Arguments: teacher=1b|3b|8b (the distillation teacher; the student is always upcycled from
+Llama-3.2-1B-Instruct), steps, batch, seq_len, lr.
+"""
+
+import os
+
+from configs.common import base_config, parse_arg
+
+MODELS = os.path.expanduser(os.environ.get('XECOMLA_MODELS', '~/models'))
+SOURCE = 'Llama-3.2-1B-Instruct'
+TEACHERS = {'1b': SOURCE, '3b': 'Llama-3.2-3B-Instruct', '8b': 'Llama-3.1-8B-Instruct'}
+
+
+def get_base(arg, *, r_kv: int):
+  a = parse_arg(arg, teacher='1b', steps=20000, batch=64, seq_len=2048, lr=8e-5)
+  if a.teacher not in TEACHERS:
+    raise ValueError(f'teacher={a.teacher!r}: choose one of {sorted(TEACHERS)}')
+  c = base_config()
+  c.dtype = 'bfloat16'
+  c.stages = 'init,distill,dpo,eval,export'
+  c.teacher.path = os.path.join(MODELS, SOURCE)
+  if a.teacher != '1b':
+    c.distill.teacher_path = os.path.join(MODELS, TEACHERS[a.teacher])
+  # Llama-3.2-1B: 16 layers, 32 query / 8 KV heads of 64 dims; teacher cache 2*8*64 = 1024/token/layer.
+  c.mla.r_kv = r_kv
+  c.mla.r_q = 1424
+  c.mla.d_qk = 32
+  c.mla.d_r = 32
+  c.mla.rope_dims = 'paper'
+  c.mla.latent_norm = False
+  c.distill.kl_weight = 1.0
+  c.distill.ce_weight = 0.0
+  c.distill.temperature = 1.0
+  c.train.steps = a.steps
+  c.train.batch_size = a.batch
+  c.train.accum = 4
+  c.train.seq_len = a.seq_len
+  c.train.lr = a.lr
+  c.train.warmup = 0.01
+  c.train.b2 = 0.999
+  c.train.remat = True
+  c.train.ckpt_every = 1000
+  c.train.eval_every = 1000
+  c.data.format = 'chat'
+  c.data.train_path = os.environ.get('XECOMLA_SFT', '')  # chat JSONL ({"messages": [...]})
+  c.dpo.path = os.environ.get('XECOMLA_PREFS', '')
+  c.dpo.lr = 5e-7
+  c.dpo.beta = 0.01
+  c.dpo.max_len = 2048
+  c.dpo.max_prompt_len = 1024
+  c.eval.path = os.environ.get('XECOMLA_EVAL_TEXT', '')
+  c.eval.max_docs = 0
+  c.mesh.data = -1
+  return c
