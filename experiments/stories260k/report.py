@@ -1,0 +1,186 @@
+"""Tables (Markdown), plots (PNG) and one JSON of everything, from the study's saved runs."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+
+from experiments.stories260k import plan  # noqa: E402
+
+VALID = 'tinystories_valid_1000.txt'
+SHAKESPEARE = 'tinyshakespeare.txt'
+
+
+def nll(r: dict | None, text: str = VALID) -> str:
+  if not r:
+    return ''
+  t = r.get('texts', {}).get(text)
+  return f"{t['nll']:.4f}" if t else ''
+
+
+def gap(r: dict | None, teacher: float) -> str:
+  if not r or VALID not in r.get('texts', {}):
+    return ''
+  return f"{100 * (r['texts'][VALID]['nll'] / teacher - 1):+.1f}%"
+
+
+def frac(run: dict) -> str:
+  return f"{100 * run['kv_fraction']:.1f}% ({run['kv_values_per_token']})"
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+  out = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  out += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
+  return '\n'.join(out) + '\n'
+
+
+def teacher_line(teacher: dict, cols: int, label: str = 'teacher (stories260K, GQA)') -> list[Any]:
+  row = [label, f"100% ({teacher['kv_values_per_token']})"]
+  return row + [''] * (cols - 4) + [nll(teacher), nll(teacher, SHAKESPEARE)]
+
+
+def init_table(teacher: dict, runs: dict) -> str:
+  rows = []
+  for frac_name in plan.INIT_FRACTIONS:
+    for method in ('svd', 'activation'):
+      row = [frac_name, method]
+      for rope in ('paper',) + plan.CONSISTENT:
+        for key in ('mean', 'fit'):
+          r = runs.get(plan.init_name(frac_name, method, rope, key))
+          row.append(f"{r['before']['nll']:.3f}" if r else '')
+      rows.append(row)
+  header = ['KV', 'factors'] + [f'{rope}/{key}' for rope in ('paper',) + plan.CONSISTENT
+                                for key in ('mean', 'fit')]
+  t200 = teacher.get('first200_nll')
+  note = (f"Teacher: {t200:.4f} on the same 200 stories." if t200 else '')
+  return (table(header, rows) + '\n' + note + ' With d_r = 2 (one pair) `uniform` keeps pair 0, '
+          'the same as `high_freq`.\n')
+
+
+def grid_table(teacher: dict, runs: dict) -> str:
+  t = teacher['texts'][VALID]['nll']
+  header = ['KV kept', 'init', 'NLL before', 'NLL after', 'vs teacher', 'shakespeare after']
+  rows = [['100% (320)', 'teacher', nll(teacher), nll(teacher), '', nll(teacher, SHAKESPEARE)]]
+  for name, run in sorted(runs.items(), key=lambda kv: (-kv[1]['kv_fraction'], kv[0])):
+    if run['part'] != 'grid':
+      continue
+    rows.append([frac(run), run['init'], nll(run['before']), nll(run.get('after')),
+                 gap(run.get('after'), t), nll(run.get('after'), SHAKESPEARE)])
+  return table(header, rows)
+
+
+def simple_table(teacher: dict, runs: list[dict], label) -> str:
+  t = teacher['texts'][VALID]['nll']
+  header = ['run', 'KV kept', 'r_kv per layer', 'NLL before', 'NLL after', 'vs teacher',
+            'shakespeare after']
+  rows = [[label(r), frac(r), r['ranks']['r_kv'], nll(r['before']), nll(r.get('after')),
+           gap(r.get('after'), t), nll(r.get('after'), SHAKESPEARE)] for r in runs]
+  return table(header, rows)
+
+
+def plot_curves(out: str, teacher: dict, curves: dict[str, list[dict]], name: str, title: str) -> str:
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for label, points in curves.items():
+    pts = [(p['step'], p['eval_nll']) for p in points if 'eval_nll' in p]
+    if pts:
+      ax.plot(*zip(*pts), marker='o', ms=3, label=label)
+  ax.axhline(teacher.get('first200_nll') or teacher['texts'][VALID]['nll'], color='k', ls='--',
+             label='teacher')
+  ax.set_xlabel('distillation step')
+  ax.set_ylabel('held-out NLL (first 200 stories)')
+  ax.set_title(title)
+  ax.legend()
+  fig.tight_layout()
+  path = os.path.join(out, name)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def plot_grid(out: str, teacher: dict, runs: dict) -> str:
+  fig, ax = plt.subplots(figsize=(6, 4))
+  by_init: dict[str, list] = {}
+  for run in runs.values():
+    if run['part'] == 'grid' and run.get('after'):
+      key = run['init'] if not run['init'].startswith('SVD ') or run['init'] == 'SVD paper' else 'SVD RoPE-consistent'
+      by_init.setdefault(key, []).append((100 * run['kv_fraction'], run['after']['texts'][VALID]['nll']))
+  for label, pts in sorted(by_init.items()):
+    ax.plot(*zip(*sorted(pts)), marker='o', label=label)
+  ax.axhline(teacher['texts'][VALID]['nll'], color='k', ls='--', label='teacher')
+  ax.set_xscale('log')
+  ax.set_xlabel('KV cache kept (% of the teacher)')
+  ax.set_ylabel('held-out NLL after distillation')
+  ax.legend()
+  fig.tight_layout()
+  path = os.path.join(out, 'compression.png')
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def write(out: str, teacher: dict, runs: dict[str, dict], wall_s: float) -> None:
+  os.makedirs(out, exist_ok=True)
+  parts = {p: [r for r in runs.values() if r['part'] == p] for p in plan.PARTS}
+  md = ['# stories260K study: tables\n',
+        'Generated by `python -m experiments.stories260k.study` (see README.md here for the '
+        'setup and what the numbers show). NLL: mean nats per predicted token, all 1000 '
+        'held-out stories unless noted; shakespeare: first 1000 paragraphs of tiny-shakespeare.\n']
+  if parts['init']:
+    md += ['## Before training: initialisation (first 200 held-out stories)\n', init_table(teacher, runs)]
+  if parts['recipe']:
+    md += ['## The recipe (1000 steps x 16 x 256 tokens, lr 3e-3, KL only, 15.6% KV)\n',
+           simple_table(teacher, parts['recipe'], lambda r: r['init'])]
+  if parts['grid']:
+    md += [f'## Compression x initialisation ({plan.GRID_STEPS} steps x 16 x 256 tokens)\n',
+           grid_table(teacher, runs)]
+  if parts['dynamic']:
+    md += ['## Dynamic rank (energy threshold; first and last layer at r_kv 8) and budget mode\n',
+           simple_table(teacher, parts['dynamic'],
+                        lambda r: f"delta {r['delta']}" if r['delta'] else 'budget 15.6%')]
+  if parts['loss']:
+    base = runs.get('grid_15p6_svd_paper')
+    rows = ([{**base, 'kl': 1.0, 'ce': 0.0}] if base else []) + parts['loss']
+    md += ['## Loss mix at 15.6% (SVD paper init)\n',
+           simple_table(teacher, rows, lambda r: f"kl {r['kl']}, ce {r['ce']}")]
+  if parts['norm']:
+    base = runs.get('grid_15p6_svd_paper')
+    rows = ([{**base, 'norm': 'off'}] if base else []) + [{**r, 'norm': 'on'} for r in parts['norm']]
+    md += ['## Latent norm at 15.6%\n', simple_table(teacher, rows, lambda r: f"latent norm {r['norm']}")]
+  if parts['dpo']:
+    for r in parts['dpo']:
+      d = r['dpo']
+      base = runs.get('grid_15p6_svd_paper')
+      rows = [[k, f"{d['heldout_before'][k]:.3f}", f"{d['heldout_after'][k]:.3f}"]
+              for k in ('reward_accuracy', 'margin', 'chosen_reward', 'rejected_reward',
+                        'logp_accuracy', 'loss')]
+      rows.append(['held-out NLL (stories)', nll(base.get('after')) if base else '', nll(r['after'])])
+      md += ['## DPO on the 15.6% distilled student (out-of-domain preference pairs)\n',
+             f"{d['pairs']['train']} training pairs, {d['pairs']['heldout']} held out; "
+             f"100 steps.\n\n", table(['held-out metric', 'before DPO', 'after DPO'], rows)]
+  if parts['goal']:
+    md += ['## Toward 2% of the teacher at 15.6% KV\n',
+           simple_table(teacher, parts['goal'], lambda r: r.get('label', r['name']))]
+  plots = []
+  if parts['grid']:
+    plots.append(plot_grid(out, teacher, runs))
+  curves = {r['init']: r['curve'] for r in parts['recipe']}
+  if curves:
+    plots.append(plot_curves(out, teacher, curves, 'curves_recipe.png',
+                             'SVD vs random init, 15.6% KV (recipe)'))
+  curves = {r['init']: r['curve'] for r in parts['grid'] if r['frac'] == '9.4%' and r['curve']
+            and any('eval_nll' in p for p in r['curve'])}
+  if curves:
+    plots.append(plot_curves(out, teacher, curves, 'curves_9p4.png', 'Learning curves at 9.4% KV'))
+  md += ['## Plots\n'] + [f'![{os.path.basename(p)}]({os.path.basename(p)})\n' for p in plots]
+  md.append(f'\nThis report run took {wall_s / 60:.1f} min of wall time; per-run wall times are '
+            'in study.json.\n')
+  with open(os.path.join(out, 'tables.md'), 'w') as f:
+    f.write('\n'.join(md))
+  with open(os.path.join(out, 'results.json'), 'w') as f:
+    json.dump({'teacher': teacher, 'runs': runs}, f, indent=1)

@@ -1,0 +1,148 @@
+"""The stories260K study: X-EcoMLA's claims measured in miniature on a real pre-trained Llama.
+
+  python -m experiments.stories260k.study                    # everything (resumable)
+  python -m experiments.stories260k.study --only=grid,recipe  # some parts
+  python -m experiments.stories260k.study --report_only      # tables and plots from saved runs
+
+Every run goes through the product itself (xecomla.pipeline: init -> eval -> distill -> eval) in
+its own work directory under --runs; a finished run is read back, not redone. Per run it stores
+study.json (settings, KV cache, ranks, held-out NLL before and after distillation, the learning
+curve, wall time, throughput). `report.py` turns them into results/*.md tables and plots.
+
+Evaluation (the README definition): all 1000 held-out TinyStories validation stories, and the
+first 1000 paragraphs of tiny-shakespeare (out of domain), after training; the 1000 stories alone
+before training. Distillation reads tinystories_train_2MiB.txt only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+
+from absl import app, flags, logging
+
+from configs import stories260k
+from experiments.stories260k import plan, report
+from xecomla import pipeline
+
+_RUNS = flags.DEFINE_string('runs', 'runs/study', 'Where the runs\' work directories go.')
+_OUT = flags.DEFINE_string('out', 'experiments/stories260k/results', 'Tables, plots, JSON.')
+_ONLY = flags.DEFINE_list('only', [], f'Parts to run (default all): {", ".join(plan.PARTS)}.')
+_REPORT_ONLY = flags.DEFINE_bool('report_only', False, 'Only rebuild tables and plots.')
+_KEEP = flags.DEFINE_bool('keep_checkpoints', False, 'Keep each run\'s checkpoints.')
+
+
+def set_dotted(c, key: str, value) -> None:
+  node = c
+  parts = key.split('.')
+  for p in parts[:-1]:
+    node = node[p]
+  node[parts[-1]] = value
+
+
+def config_for(over: dict):
+  c = stories260k.get_config()
+  c.eval.max_docs = 0            # all 1000 held-out stories
+  c.eval.extra_max_docs = 1000   # tiny-shakespeare paragraphs (out of domain)
+  c.eval.teacher = False
+  c.eval.sample_tokens = 60
+  c.train.log_every = 25
+  c.train.ckpt_every = 10_000
+  for k, v in over.items():
+    set_dotted(c, k, v)
+  return c
+
+
+def curve(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, 'distill', 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  keep = ('step', 'loss', 'kl', 'ce', 'eval_nll', 'tokens_per_s', 'lr')
+  return [{k: v for k, v in json.loads(l).items() if k in keep} for l in open(path)]
+
+
+def run_one(spec: dict) -> dict:
+  name = spec['name']
+  workdir = os.path.join(_RUNS.value, name)
+  done = os.path.join(workdir, 'study.json')
+  if os.path.exists(done):
+    return json.load(open(done))
+  logging.info('study run %s: %s', name, spec)
+  t0 = time.perf_counter()
+  c = config_for(spec['over'])
+  c.stages = 'init,eval'
+  c.eval.extra_paths = ''
+  before = pipeline.run(c, workdir)['eval']['student']
+  out = {**spec, 'before': before, 'kv_values_per_token': before['kv_values_per_token'],
+         'kv_fraction': before['kv_report']['kv_fraction'], 'ranks': before['ranks']}
+  out['init_report'] = json.load(open(os.path.join(workdir, 'init', 'report.json')))
+  if spec.get('steps'):
+    c = config_for(spec['over'])
+    c.train.steps = spec['steps']
+    c.stages = 'distill,dpo,eval' if spec.get('dpo') else 'distill,eval'
+    t1 = time.perf_counter()
+    res = pipeline.run(c, workdir)
+    out['after'] = res['eval']['student']
+    out['distill'] = res['distill']
+    if spec.get('dpo'):
+      out['dpo'] = res['dpo']
+    out['train_wall_s'] = round(time.perf_counter() - t1, 1)
+    out['curve'] = curve(workdir)
+  out['wall_s'] = round(time.perf_counter() - t0, 1)
+  with open(done, 'w') as f:
+    json.dump(out, f, indent=1)
+  if not _KEEP.value:
+    for stage in ('distill', 'dpo'):
+      shutil.rmtree(os.path.join(workdir, stage, 'ckpt'), ignore_errors=True)
+  return out
+
+
+def teacher_row() -> dict:
+  path = os.path.join(_RUNS.value, 'teacher.json')
+  if os.path.exists(path):
+    return json.load(open(path))
+  c = config_for({})
+  c.stages = 'eval'
+  c.eval.teacher = True
+  workdir = os.path.join(_RUNS.value, 'teacher')
+  r = pipeline.run(c, workdir)['eval']['teacher']
+  c.eval.max_docs = 200
+  c.eval.extra_paths = ''
+  r['first200_nll'] = pipeline.run(c, workdir)['eval']['teacher']['nll']
+  os.makedirs(_RUNS.value, exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(r, f, indent=1)
+  return r
+
+
+def main(argv):
+  del argv
+  os.makedirs(_OUT.value, exist_ok=True)
+  parts = _ONLY.value or list(plan.PARTS)
+  unknown = set(parts) - set(plan.PARTS)
+  if unknown:
+    print(f'error: unknown parts {sorted(unknown)}; choose from {", ".join(plan.PARTS)}',
+          file=sys.stderr)
+    sys.exit(2)
+  t0 = time.perf_counter()
+  if not _REPORT_ONLY.value:
+    teacher_row()
+    for part in parts:
+      for spec in plan.specs(part, lambda s: run_one(s)):
+        run_one(spec)
+  runs = {}
+  if os.path.isdir(_RUNS.value):
+    for name in sorted(os.listdir(_RUNS.value)):
+      path = os.path.join(_RUNS.value, name, 'study.json')
+      if os.path.exists(path):
+        runs[name] = json.load(open(path))
+  teacher = json.load(open(os.path.join(_RUNS.value, 'teacher.json')))
+  report.write(_OUT.value, teacher, runs, wall_s=time.perf_counter() - t0)
+  print(f'results in {_OUT.value}')
+
+
+if __name__ == '__main__':
+  app.run(main)
