@@ -149,6 +149,13 @@ def test_export_stage_command_and_generation_tool(init_dir, tmp_path):
   assert cfg == cfg0
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params0)):
     np.testing.assert_array_equal(a, b)
+  assert pipeline.run(c, d)['export'].get('existing')  # up to date: kept
+  source = os.path.join(out['path'], 'xecomla_source.json')
+  assert json.load(open(source)) == {'stage': 'init', 'step': 0}
+  json.dump({'stage': 'distill', 'step': 7}, open(source, 'w'))  # as if made from another student
+  from xecomla.cli import UsageError
+  with pytest.raises(UsageError, match='but the latest student is'):
+    pipeline.run(c, d)
   r = subprocess.run([sys.executable, '-m', 'xecomla.export', f'--workdir={d}',
                       f'--out={tmp_path / "cli"}'], capture_output=True, text=True)
   assert r.returncode == 0, r.stderr[-2000:]

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 
-import numpy as np
 
 from xecomla.convert import hf
 from xecomla.convert.safetensors_io import CheckpointError, read_tensors, write_tensors
@@ -76,7 +75,7 @@ def deepseek_config(c: MLAConfig) -> dict:
 
 
 def export_hf(out: str, config: MLAConfig, params: dict, tokenizer_dir: str | None = None, *,
-              deepseek: bool = False) -> str:
+              deepseek: bool = False, extra_json: dict[str, dict] | None = None) -> str:
   """Writes the export into `out` (which must not exist or be empty); built in a temporary
   sibling and renamed, so a failure leaves nothing half-written."""
   if os.path.exists(out) and os.listdir(out):
@@ -94,6 +93,9 @@ def export_hf(out: str, config: MLAConfig, params: dict, tokenizer_dir: str | No
   if not deepseek:
     for name in REMOTE_FILES:
       shutil.copy(os.path.join(REMOTE, name), os.path.join(tmp, name))
+  for name, obj in (extra_json or {}).items():
+    with open(os.path.join(tmp, name), 'w') as f:
+      json.dump(obj, f, indent=2)
   if tokenizer_dir:
     for name in TOKENIZER_FILES:
       if os.path.exists(os.path.join(tokenizer_dir, name)):
@@ -118,7 +120,3 @@ def import_hf(directory: str) -> tuple[MLAConfig, dict]:
   params = hf.to_params(rows, read_tensors(directory, [r[0] for r in rows]))
   return config, params
 
-
-def exported_tensors_equal(a: dict, b: dict) -> bool:
-  import jax
-  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))

@@ -8,8 +8,16 @@ from typing import Any
 
 from absl import logging
 
-from xecomla import export, workdir as wd
+from xecomla import export, fileio, workdir as wd
 from xecomla.cli import UsageError
+
+
+SOURCE = 'xecomla_source.json'  # which checkpoint an export was made from
+
+
+def source_of(found) -> dict[str, Any]:
+  stage, _, _, meta = found
+  return {'stage': stage, 'step': meta.get('summary', {}).get('steps', 0)}
 
 
 def export_latest(workdir: str, out: str, *, deepseek: bool = False,
@@ -22,25 +30,39 @@ def export_latest(workdir: str, out: str, *, deepseek: bool = False,
     tokenizer_dir = wd.checkpoints(workdir, 'init').read_meta().get('teacher')
   if not tokenizer_dir or not os.path.exists(os.path.join(tokenizer_dir, 'tokenizer.json')):
     raise UsageError(f'no tokenizer.json in {tokenizer_dir}: pass --tokenizer_dir.')
-  export.export_hf(out, cfg, params, tokenizer_dir, deepseek=deepseek)
+  export.export_hf(out, cfg, params, tokenizer_dir, deepseek=deepseek,
+                   extra_json={SOURCE: source_of(found)})
   logging.info('exported the %s student to %s', stage, out)
   return {'path': out, 'stage': stage, 'deepseek_v3': deepseek}
 
 
+def up_to_date(workdir: str, out: str) -> bool:
+  """True if `out` holds an export of the latest student; raises if it holds another one."""
+  if not (os.path.exists(out) and os.listdir(out)):
+    return False
+  path = os.path.join(out, SOURCE)
+  made_from = fileio.read_json(path) if os.path.exists(path) else None
+  latest = source_of(wd.latest_student(workdir))
+  if made_from != latest:
+    raise UsageError(f'{out} holds an export of {made_from}, but the latest student is {latest}: '
+                     'delete that directory or set export.out to a new one.')
+  return True
+
+
 def run(config, workdir: str) -> dict[str, Any]:
   out = config.export.out or os.path.join(workdir, 'export', 'hf')
-  if os.path.exists(out) and os.listdir(out):
-    logging.info('export: %s already exists, kept as it is', out)
+  tokenizer_dir = wd.teacher_dir(config, workdir)
+  if up_to_date(workdir, out):
+    logging.info('export: %s already holds the latest student', out)
     result = {'path': out, 'existing': True}
   else:
-    result = export_latest(workdir, out, tokenizer_dir=wd.teacher_dir(config, workdir))
+    result = export_latest(workdir, out, tokenizer_dir=tokenizer_dir)
   if config.export.deepseek:
-    found = wd.latest_student(workdir)
-    why = export.deepseek_incompatibility(found[1])
+    why = export.deepseek_incompatibility(wd.latest_student(workdir)[1])
     if why:
       raise UsageError(f'export.deepseek: {why}.')
     ds = os.path.join(os.path.dirname(out), 'deepseek_v3')
-    if not (os.path.exists(ds) and os.listdir(ds)):
-      export_latest(workdir, ds, deepseek=True, tokenizer_dir=wd.teacher_dir(config, workdir))
+    if not up_to_date(workdir, ds):
+      export_latest(workdir, ds, deepseek=True, tokenizer_dir=tokenizer_dir)
     result['deepseek_v3_path'] = ds
   return result
