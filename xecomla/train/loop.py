@@ -134,7 +134,9 @@ def run(*, name: str, stage_dir: str, trainer: Trainer, model_config, params: An
     done = step + 1
     final = done == spec.steps
     interrupted = done == spec.stop_after and not final
-    if done % spec.log_every == 0 or final or interrupted:
+    eval_now = (evaluate is not None and spec.eval_every > 0
+                and (done % spec.eval_every == 0 or final))
+    if done % spec.log_every == 0 or final or interrupted or eval_now:
       values = {k: float(v) for k, v in jax.device_get(metrics).items()}
       now = time.perf_counter()
       interval, n_steps = now - t_prev, done - logged
@@ -147,7 +149,7 @@ def run(*, name: str, stage_dir: str, trainer: Trainer, model_config, params: An
         values['tokens_per_s'] = spec.tokens_per_step * n_steps / interval
       if lr_fn is not None:
         values['lr'] = float(lr_fn(step))
-      if evaluate is not None and spec.eval_every and (done % spec.eval_every == 0 or final):
+      if eval_now:
         values.update({f'eval_{k}': v for k, v in evaluate(state['params']).items()})
         t_prev = time.perf_counter()
       log.write(done, values)
