@@ -82,3 +82,11 @@ def test_sequence_log_probs_sum_the_response_only():
   expected = lp[2, 4] + lp[3, 5]
   got = losses.sequence_log_probs(logits, tokens, jnp.ones((1, 5), jnp.int32), mask)
   np.testing.assert_allclose(float(got[0]), float(expected), rtol=1e-6)
+
+
+def test_hidden_state_mse_is_a_per_layer_mean_over_real_tokens():
+  s = [jnp.ones((1, 3, 4)), jnp.zeros((1, 3, 4))]
+  t = [jnp.zeros((1, 3, 4)), jnp.full((1, 3, 4), 2.0)]
+  seg = jnp.array([[1, 1, 0]])
+  # layer 0: mse 1 per token, layer 1: mse 4 per token; 2 real tokens; averaged over layers.
+  assert float(losses.hidden_mse_sum(s, t, seg)) == pytest.approx((2 * 1 + 2 * 4) / 2)

@@ -183,3 +183,15 @@ def test_eval_stage_scores_multiple_choice_files(init_dir, tmp_path):
     assert task['n'] == 1 and task['acc'] in (0.0, 1.0)
     assert results[name]['kv_report']['max_context'] > 0
   assert 'mc.jsonl: acc' in open(os.path.join(d, 'results.md')).read()
+
+
+def test_distillation_teacher_must_share_the_vocabulary(init_dir, tmp_path, hf_llama):
+  from xecomla.cli import UsageError
+  d = copy(init_dir, tmp_path)
+  other, _ = hf_llama(vocab=97)
+  c = small_config(steps=2)
+  c.stages = 'distill'
+  c.distill.teacher_path = other
+  with pytest.raises(UsageError, match='vocabulary of 97 tokens, the student 512'):
+    pipeline.run(c, d)
+  assert not os.path.exists(os.path.join(d, 'distill'))

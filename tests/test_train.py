@@ -122,3 +122,17 @@ def test_bad_mesh_is_named():
     sharding.make_mesh(3, 1, 1)
   with pytest.raises(UsageError, match='do not divide'):
     sharding.make_mesh(-1, 3, 1)
+
+
+def test_hidden_state_distillation_of_an_exact_student_is_zero():
+  mqa = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=1, head_dim=8,
+                    hidden_dim=48, max_seq_len=64)
+  params = transformer.init_params(mqa, 1)
+  cfg, student, _ = upcycle(mqa, params, InitOptions(r_kv=32, r_q=None, d_r=8, round_to=1,
+                                                     rope_dims='high_freq'))
+  loss = steps.kd_loss_fn(transformer.graphdef(cfg), transformer.graphdef(mqa),
+                          steps.KDOptions(hidden_weight=1.0))
+  trainer = steps.make_trainer(loss, optax.sgd(0.1), model_config=cfg, frozen_config=mqa,
+                               mesh=sharding.make_mesh(8, 1, 1))
+  _, m = trainer.step(trainer.init_state(student), params, batch())
+  assert abs(float(m['hidden'])) < 1e-9 and abs(float(m['loss'])) < 1e-6
