@@ -136,3 +136,18 @@ def test_hidden_state_distillation_of_an_exact_student_is_zero():
                                mesh=sharding.make_mesh(8, 1, 1))
   _, m = trainer.step(trainer.init_state(student), params, batch())
   assert abs(float(m['hidden'])) < 1e-9 and abs(float(m['loss'])) < 1e-6
+
+
+def test_rematerialised_blocks_give_the_same_step(setup):
+  params, cfg, student = setup
+  results = []
+  for remat in (False, True):
+    loss = steps.kd_loss_fn(transformer.graphdef(cfg, remat=remat), transformer.graphdef(TEACHER),
+                            steps.KDOptions())
+    trainer = steps.make_trainer(loss, optax.sgd(0.5), model_config=cfg, frozen_config=TEACHER,
+                                 mesh=sharding.make_mesh(8, 1, 1))
+    state, m = trainer.step(trainer.init_state(student), params, batch())
+    results.append((jax.device_get(state['params']), float(m['loss'])))
+  assert abs(results[0][1] - results[1][1]) < 1e-6
+  assert max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()),
+                                          results[0][0], results[1][0]))) < 1e-6
