@@ -143,3 +143,14 @@ def test_multiple_choice_equals_a_hand_computation_of_lm_eval_acc(stories_dir, t
   assert ours['acc'] == pytest.approx(acc / 3) and ours['acc_norm'] == pytest.approx(acc_norm / 3)
   assert ours['n'] == 3
   assert ours['acc'] != ours['acc_norm']  # the fixture separates the two metrics
+
+
+def test_all_rope_student_exports_and_round_trips(teacher, stories_dir, tmp_path):
+  cfg, params = student(teacher, r_kv=2, d_r=8, r_q=None, rope_dims='high_freq', rope_key='fit')
+  assert cfg.d_qk == 0
+  d = export_hf(str(tmp_path / 'hf'), cfg, params, stories_dir)
+  compare(cfg, params, d)
+  cfg2, params2 = import_hf(d)
+  assert cfg2 == cfg
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
+    np.testing.assert_array_equal(a, b)

@@ -133,3 +133,19 @@ def test_mla_config_round_trips_through_json():
   assert MLAConfig.from_dict(cfg.to_dict()) == cfg
   assert LlamaConfig.from_dict(GQA.to_dict()) == GQA
   hash(cfg)  # static under jit
+
+
+def test_all_rope_student_has_no_nope_weights_and_decodes_exactly(tmp_path):
+  params = transformer.init_params(GQA, 1)
+  cfg, p, _ = upcycle(GQA, params, InitOptions(r_kv=4, r_q=12, d_r=8, rope_dims='high_freq',
+                                               rope_key='fit', round_to=1))
+  assert cfg.d_qk == 0 and 'uk' not in p['layers'][0]['attn'] and 'uq' not in p['layers'][0]['attn']
+  t = tokens(t=24)
+  full, _ = transformer.from_params(cfg, p, mla_mode='explicit')(t)
+  cache = kvcache.init_cache(cfg, 2, 32)
+  absorbed, _ = transformer.from_params(cfg, p)(t, cache=cache)
+  assert float(jnp.abs(absorbed - full).max()) <= 1e-5
+  from xecomla import ckpt  # orbax refuses zero-size arrays: there must be none
+  cks = ckpt.StageCheckpoints(str(tmp_path / 'ck'), async_save=False)
+  cks.save(0, params=p, meta={'model': cfg.to_dict()})
+  cks.close()

@@ -149,6 +149,8 @@ def _factor_layer(x, r_kv, r_q, d_qk, n_h, d_h, sigma) -> dict[str, np.ndarray]:
     dq, upq = svd.factor(u, s, vt, r_q, sigma, x['whiten'])
     upq = upq.reshape(r_q, n_h, d_h)
     out.update(dq=dq, uq=upq[:, :, :d_qk], qr=upq[:, :, d_qk:])
+  if not d_qk:  # every head dim is RoPE: the model has no W^UQ / W^UK
+    del out['uq'], out['uk']
   return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
 

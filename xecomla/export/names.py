@@ -19,17 +19,20 @@ from xecomla.convert import hf
 from xecomla.models.config import MLAConfig
 
 
-def _heads_split(rows_in: int, n: int, first: int):
-  """[n (first + second), rows_in]-shaped HF weight <-> ([rows_in, n, first], [rows_in, n, second])."""
+def _heads_split(hf_name: str, first_path: tuple, second_path: tuple, rows_in: int, n: int,
+                 first: int) -> hf.Row:
+  """[n (first + second), rows_in]-shaped HF weight <-> ([rows_in, n, first], [rows_in, n, second]);
+  with first == 0 (no no-RoPE dims) the first array does not exist."""
+  paths = (first_path, second_path) if first else (second_path,)
 
   def to_ours(w):
     x = w.T.reshape(rows_in, n, -1)
-    return x[..., :first], x[..., first:]
+    return (x[..., :first], x[..., first:]) if first else (x,)
 
   def to_hf(ps):
     return np.concatenate(ps, axis=-1).reshape(rows_in, -1).T
 
-  return to_ours, to_hf
+  return (hf_name, paths, to_ours, to_hf)
 
 
 def _cols_split(first: int):
@@ -49,17 +52,17 @@ def mla_rows(c: MLAConfig) -> list[hf.Row]:
     hf_p, ours = f'model.layers.{l}.self_attn.', ('layers', l, 'attn')
     r_q, r_kv = c.r_q[l], c.r_kv[l]
     if r_q is None:
-      rows.append((hf_p + 'q_proj.weight', (ours + ('uq',), ours + ('qr',)), *_heads_split(d, n, c.d_qk)))
+      rows.append(_heads_split(hf_p + 'q_proj.weight', ours + ('uq',), ours + ('qr',), d, n, c.d_qk))
     else:
       rows.append(hf.one(hf_p + 'q_a_proj.weight', ours + ('dq',), *transpose))
-      rows.append((hf_p + 'q_b_proj.weight', (ours + ('uq',), ours + ('qr',)),
-                   *_heads_split(r_q, n, c.d_qk)))
+      rows.append(_heads_split(hf_p + 'q_b_proj.weight', ours + ('uq',), ours + ('qr',), r_q, n,
+                               c.d_qk))
       if c.latent_norm:
         rows.append(hf.one(hf_p + 'q_a_layernorm.weight', ours + ('q_norm', 'scale')))
     rows.append((hf_p + 'kv_a_proj_with_mqa.weight', (ours + ('dkv',), ours + ('kr',)),
                  *_cols_split(r_kv)))
     if c.latent_norm:
       rows.append(hf.one(hf_p + 'kv_a_layernorm.weight', ours + ('kv_norm', 'scale')))
-    rows.append((hf_p + 'kv_b_proj.weight', (ours + ('uk',), ours + ('uv',)),
-                 *_heads_split(r_kv, n, c.d_qk)))
+    rows.append(_heads_split(hf_p + 'kv_b_proj.weight', ours + ('uk',), ours + ('uv',), r_kv, n,
+                             c.d_qk))
   return rows

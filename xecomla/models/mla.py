@@ -63,12 +63,14 @@ class MLAAttention(nnx.Module):
       self.dq = param(rngs, (d, r_q), ('embed', 'q_lora'))
       if c.latent_norm:
         self.q_norm = RMSNorm(r_q, c.latent_norm_eps, axis_name='q_lora', rngs=rngs)
-    self.uq = param(rngs, (q_in, n, c.d_qk), (q_axis, 'heads', 'qk_nope'))
+    if c.d_qk:  # d_qk = 0 (every head dim is RoPE): no no-RoPE query or key at all
+      self.uq = param(rngs, (q_in, n, c.d_qk), (q_axis, 'heads', 'qk_nope'))
     self.qr = param(rngs, (q_in, n, c.d_r), (q_axis, 'heads', 'qk_rope'))
     self.dkv = param(rngs, (d, r_kv), ('embed', 'kv_lora'))
     if c.latent_norm:
       self.kv_norm = RMSNorm(r_kv, c.latent_norm_eps, axis_name='kv_lora', rngs=rngs)
-    self.uk = param(rngs, (r_kv, n, c.d_qk), ('kv_lora', 'heads', 'qk_nope'))
+    if c.d_qk:
+      self.uk = param(rngs, (r_kv, n, c.d_qk), ('kv_lora', 'heads', 'qk_nope'))
     self.uv = param(rngs, (r_kv, n, c.d_v), ('kv_lora', 'heads', 'head_dim'))
     self.kr = param(rngs, (d, c.d_r), ('embed', 'qk_rope'))
     self.o = param(rngs, (n, c.d_v, d), ('heads', 'head_dim', 'embed'), fan_in=n * c.d_v)
@@ -88,7 +90,7 @@ class MLAAttention(nnx.Module):
       cq = jnp.einsum('BTD,DR->BTR', x, self._w(self.dq))
       if c.latent_norm:
         cq = self.q_norm(cq)
-    q_c = jnp.einsum('BTR,RNH->BTNH', cq, self._w(self.uq))
+    q_c = jnp.einsum('BTR,RNH->BTNH', cq, self._w(self.uq)) if c.d_qk else None
     q_r = apply_rope(jnp.einsum('BTR,RNH->BTNH', cq, self._w(self.qr)), positions, inv_freq)
     # What gets cached: the latent and the shared rotated RoPE key.
     c_kv = jnp.einsum('BTD,DR->BTR', x, self._w(self.dkv))
@@ -104,18 +106,22 @@ class MLAAttention(nnx.Module):
     scale = 1.0 / math.sqrt(c.d_qk + c.d_r)
     absorbed = self.mode == 'absorbed' or (self.mode == 'auto' and cache is not None)
     if absorbed:
-      q_lat = jnp.einsum('BTNH,RNH->BTNR', q_c, self._w(self.uk))
-      scores = (jnp.einsum('BTNR,BSR->BNTS', q_lat, c_kv, preferred_element_type=jnp.float32)
-                + jnp.einsum('BTNH,BSH->BNTS', q_r, k_r, preferred_element_type=jnp.float32))
+      scores = jnp.einsum('BTNH,BSH->BNTS', q_r, k_r, preferred_element_type=jnp.float32)
+      if c.d_qk:
+        q_lat = jnp.einsum('BTNH,RNH->BTNR', q_c, self._w(self.uk))
+        scores = scores + jnp.einsum('BTNR,BSR->BNTS', q_lat, c_kv,
+                                     preferred_element_type=jnp.float32)
       probs = masked_softmax(scores * scale, mask[:, None])
       o_lat = jnp.einsum('BNTS,BSR->BTNR', probs.astype(dt), c_kv)
       out = jnp.einsum('BTNR,RNH->BTNH', o_lat, self._w(self.uv))
     else:
       s = c_kv.shape[1]
-      k_c = jnp.einsum('BSR,RNH->BSNH', c_kv, self._w(self.uk))
       v = jnp.einsum('BSR,RNH->BSNH', c_kv, self._w(self.uv))
-      k = jnp.concatenate([k_c, jnp.broadcast_to(k_r[:, :, None, :], (b, s, n, c.d_r))], axis=-1)
-      q = jnp.concatenate([q_c, q_r], axis=-1)
+      k = jnp.broadcast_to(k_r[:, :, None, :], (b, s, n, c.d_r))
+      q = q_r
+      if c.d_qk:
+        k = jnp.concatenate([jnp.einsum('BSR,RNH->BSNH', c_kv, self._w(self.uk)), k], axis=-1)
+        q = jnp.concatenate([q_c, q_r], axis=-1)
       out = attend(q, k, v, mask, scale)
     chex.assert_shape(out, (b, t, n, c.d_v))
     return jnp.einsum('BTNH,NHD->BTD', out, self._w(self.o)), cache
