@@ -4,15 +4,20 @@ dim 64, vocab 512) on TinyStories: the README demo, the study and the tests.
   python -m xecomla.main --config=configs/stories260k.py --workdir=runs/stories260k
   python -m xecomla.main --config=configs/stories260k.py:r_kv=4,d_r=4,steps=300 ...
 
-Arguments (comma-separated key=value): r_kv, d_r (d_qk = 8 - d_r), rope_dims, init, steps.
-The teacher caches 2 x 4 x 8 = 64 values per token and layer; r_kv + d_r = 10 keeps 15.6%.
+Arguments (comma-separated key=value): r_kv, d_r (d_qk = 8 - d_r), rope_dims, rope_key, init,
+steps. The teacher caches 2 x 4 x 8 = 64 values per token and layer; r_kv + d_r = 10 keeps 15.6%.
+
+The defaults are the best 15.6% setting the study found at the recipe's budget (1000 steps of
+16 x 256 tokens): r_kv 6 + d_r 4, RoPE-consistent pairs 0 and 1 with a fitted shared key, r_q 64
+(experiments/stories260k/README.md). The paper's own choice is `:r_kv=8,d_r=2,rope_dims=paper,
+rope_key=mean`.
 """
 
 from configs.common import base_config, data_path, parse_arg
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, r_kv=8, d_r=2, rope_dims='paper', init='svd', steps=1000)
+  a = parse_arg(arg, r_kv=6, d_r=4, rope_dims='high_freq', rope_key='fit', init='svd', steps=1000)
   c = base_config()
   c.stages = 'init,distill,eval,export'
   c.teacher.path = data_path('stories260K', 'stories260K.bin')
@@ -23,6 +28,8 @@ def get_config(arg=None):
   c.mla.d_r = a.d_r
   c.mla.d_qk = 8 - a.d_r
   c.mla.rope_dims = a.rope_dims
+  c.mla.rope_key = a.rope_key
+  c.mla.r_q = 64
   c.mla.round_to = 1
 
   c.data.train_path = data_path('text', 'tinystories_train_2MiB.txt')

@@ -49,10 +49,10 @@ def copy(init_dir, tmp_path, name='w'):
 def test_init_writes_student_and_report(init_dir):
   report = json.load(open(os.path.join(init_dir, 'init', 'report.json')))
   assert report['kv_values_per_token'] == 50 and report['teacher_kv_values_per_token'] == 320
-  assert report['ranks']['r_kv'] == [8] * 5
+  assert report['ranks']['r_kv'] == [6] * 5 and report['ranks']['r_q'] == [64] * 5
   cfg, params, _ = wd.load_student_from(init_dir, 'init')
-  assert cfg.r_kv == (8,) * 5 and cfg.d_r == 2
-  assert params['layers'][0]['attn']['dkv'].shape == (64, 8)
+  assert cfg.r_kv == (6,) * 5 and cfg.d_r == 4 and cfg.rope_pairs == ((0, 1),) * 5
+  assert params['layers'][0]['attn']['dkv'].shape == (64, 6)
 
 
 def test_resumed_run_ends_with_the_same_parameters(init_dir, tmp_path):
@@ -88,7 +88,7 @@ def test_short_distillation_lowers_heldout_nll_and_results_follow_the_contract(i
   assert on_disk['teacher']['kv_values_per_token'] == 320
   assert 1.1 < on_disk['teacher']['nll'] < on_disk['student']['nll']  # first 20 stories only
   assert on_disk['student']['kv_values_per_token'] == 50
-  assert on_disk['student']['ranks'] == {'r_kv': [8] * 5, 'r_q': [None] * 5}
+  assert on_disk['student']['ranks'] == {'r_kv': [6] * 5, 'r_q': [64] * 5}
   assert os.path.exists(os.path.join(d, 'results.md'))
   assert os.listdir(os.path.join(d, 'distill', 'tb'))
 

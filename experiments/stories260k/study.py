@@ -43,8 +43,18 @@ def set_dotted(c, key: str, value) -> None:
   node[parts[-1]] = value
 
 
+# The study's starting point, pinned here so that changing the demo's defaults in
+# configs/stories260k.py does not change the study: every run states what differs from this.
+BASE = {'mla.init': 'svd', 'mla.r_kv': 8, 'mla.d_r': 2, 'mla.d_qk': 6, 'mla.r_q': None,
+        'mla.rope_dims': 'paper', 'mla.rope_key': 'mean', 'mla.latent_norm': False,
+        'train.lr': 3e-3, 'train.batch_size': 16, 'train.seq_len': 256,
+        'distill.kl_weight': 1.0, 'distill.ce_weight': 0.0}
+
+
 def config_for(over: dict):
   c = stories260k.get_config()
+  for k, v in BASE.items():
+    set_dotted(c, k, v)
   c.eval.max_docs = 0            # all 1000 held-out stories
   c.eval.extra_max_docs = 1000   # tiny-shakespeare paragraphs (out of domain)
   c.eval.teacher = False
