@@ -59,8 +59,15 @@ def init_table(teacher: dict, runs: dict) -> str:
                                 for key in ('mean', 'fit')]
   t200 = teacher.get('first200_nll')
   note = (f"Teacher: {t200:.4f} on the same 200 stories." if t200 else '')
-  return (table(header, rows) + '\n' + note + ' With d_r = 2 (one pair) `uniform` keeps pair 0, '
-          'the same as `high_freq`.\n')
+  note += ' With d_r = 2 (one pair) `uniform` keeps pair 0, the same as `high_freq`.'
+  def pairs(rope):
+    return [[l.get('rope_pairs') for l in r['init_report']['layers']] for name, r in sorted(runs.items())
+            if r['part'] == 'init' and r['rope'] == rope and r['method'] == 'svd']
+  if pairs('norm') and pairs('norm') == pairs('low_freq'):
+    note += (' `norm` picks pair 3, the slowest, in every layer at every fraction: the same as '
+             '`low_freq`.')
+  return table(header, rows) + '\n' + note + '\n'
+
 
 
 def grid_table(teacher: dict, runs: dict) -> str:
