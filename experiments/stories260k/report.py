@@ -74,9 +74,10 @@ def grid_table(teacher: dict, runs: dict) -> str:
   t = teacher['texts'][VALID]['nll']
   header = ['KV kept', 'init', 'NLL before', 'NLL after', 'vs teacher', 'shakespeare after']
   rows = [['100% (320)', 'teacher', nll(teacher), nll(teacher), '', nll(teacher, SHAKESPEARE)]]
-  for name, run in sorted(runs.items(), key=lambda kv: (-kv[1]['kv_fraction'], kv[0])):
-    if run['part'] != 'grid':
-      continue
+  order = ('random', 'svd_paper', 'svd_consistent', 'activation')   # as the plan names them
+  grid = [r for r in runs.values() if r['part'] == 'grid']
+  for run in sorted(grid, key=lambda r: (-r['kv_fraction'],
+                                         [k for k, o in enumerate(order) if r['name'].endswith(o)])):
     rows.append([frac(run), run['init'], nll(run['before']), nll(run.get('after')),
                  gap(run.get('after'), t), nll(run.get('after'), SHAKESPEARE)])
   return table(header, rows)
