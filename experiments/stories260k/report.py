@@ -161,12 +161,18 @@ def write(out: str, teacher: dict, runs: dict[str, dict], wall_s: float) -> None
     md += [f'## Compression x initialisation ({plan.GRID_STEPS} steps x 16 x 256 tokens)\n',
            grid_table(teacher, runs)]
   if parts['dynamic']:
-    md += ['## Dynamic rank (energy threshold; first and last layer at r_kv 8) and budget mode\n',
-           simple_table(teacher, parts['dynamic'],
-                        lambda r: f"delta {r['delta']}" if r['delta'] else 'budget 15.6%')]
+    fixed = [{**runs[n], 'delta': None, 'fixed': True} for n in
+             ('grid_50_svd_paper', 'grid_25_svd_paper', 'grid_15p6_svd_paper') if n in runs]
+    rows = sorted(parts['dynamic'], key=lambda r: -(r['delta'] or 0)) + fixed
+    md += ['## Dynamic rank (energy threshold; first and last layer at r_kv 8), budget mode, and '
+           f'fixed ranks for reference (SVD paper init, {plan.GRID_STEPS} steps)\n',
+           simple_table(teacher, rows, lambda r: (
+               f"fixed r_kv {r['ranks']['r_kv'][0]}" if r.get('fixed')
+               else f"delta {r['delta']}" if r['delta'] else 'budget 15.6%'))]
   if parts['loss']:
     base = runs.get('grid_15p6_svd_paper')
-    rows = ([{**base, 'kl': 1.0, 'ce': 0.0}] if base else []) + parts['loss']
+    rows = ([{**base, 'kl': 1.0, 'ce': 0.0}] if base else []) + sorted(
+        parts['loss'], key=lambda r: (-r['kl'], r['ce']))
     md += ['## Loss mix at 15.6% (SVD paper init)\n',
            simple_table(teacher, rows, lambda r: f"kl {r['kl']}, ce {r['ce']}")]
   if parts['norm']:
