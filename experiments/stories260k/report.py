@@ -60,14 +60,17 @@ def init_table(teacher: dict, runs: dict) -> str:
   t200 = teacher.get('first200_nll')
   note = (f"Teacher: {t200:.4f} on the same 200 stories." if t200 else '')
   note += ' With d_r = 2 (one pair) `uniform` keeps pair 0, the same as `high_freq`.'
-  def pairs(rope):
-    return [[l.get('rope_pairs') for l in r['init_report']['layers']] for name, r in sorted(runs.items())
-            if r['part'] == 'init' and r['rope'] == rope and r['method'] == 'svd']
-  if pairs('norm') and pairs('norm') == pairs('low_freq'):
+  if rope_pairs(runs, 'norm') and rope_pairs(runs, 'norm') == rope_pairs(runs, 'low_freq'):
     note += (' `norm` picks pair 3, the slowest, in every layer at every fraction: the same as '
              '`low_freq`.')
   return table(header, rows) + '\n' + note + '\n'
 
+
+def rope_pairs(runs: dict, rope: str) -> list:
+  """The RoPE pairs each layer kept, for every weight-SVD init run of one choice."""
+  return [[layer.get('rope_pairs') for layer in r['init_report']['layers']]
+          for _, r in sorted(runs.items())
+          if r['part'] == 'init' and r['rope'] == rope and r['method'] == 'svd']
 
 
 def grid_table(teacher: dict, runs: dict) -> str:
@@ -192,7 +195,8 @@ def write(out: str, teacher: dict, runs: dict[str, dict], wall_s: float) -> None
              f"{d['steps']} steps, beta {r['over']['dpo.beta']}, lr {r['over']['dpo.lr']}, batch "
              f"{r['over']['dpo.batch_size']}. The pairs are OpenOrca chat, out of domain for a "
              "512-token story vocabulary: they exercise DPO, not answer quality. A reward tie "
-             "(policy = reference, before DPO) counts as wrong.\n", table(['held-out metric', 'before DPO', 'after DPO'], rows)]
+             "(policy = reference, before DPO) counts as wrong.\n",
+             table(['held-out metric', 'before DPO', 'after DPO'], rows)]
   if parts['goal']:
     recipe = [{**r, 'label': 'the recipe as it is (SVD paper, mean key)'} for r in parts['recipe']
               if r['name'] == 'recipe_svd']
