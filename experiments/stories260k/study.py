@@ -40,6 +40,8 @@ def set_dotted(c, key: str, value) -> None:
   parts = key.split('.')
   for p in parts[:-1]:
     node = node[p]
+  if parts[-1] not in node:  # an unlocked ConfigDict would quietly add a misspelt field
+    raise KeyError(f'{key} is not a config field')
   node[parts[-1]] = value
 
 
