@@ -1,6 +1,14 @@
 """Calibration statistics for activation-aware initialisation: per layer, the Gram matrix
 C = X^T X / n of the teacher's attention inputs X (the normed hidden states entering W^Q, W^K,
-W^V) over a small calibration text."""
+W^V) over a small calibration text.
+
+Like the rest of the conversion (svd.py), the statistics must not depend on the accelerator: the
+teacher forward pass and the Gram products run at Precision.HIGHEST (full float32 on every
+backend; the default is bfloat16 on TPU and TF32 on recent GPUs, which would perturb C by ~1e-3).
+Per-batch Grams are summed on the host in float64. Moving every batch's activations to the host
+to accumulate the products there in float64 would cost [rows, T, D] per layer in transfers; the
+float32 accumulation inside one batch (at most batch_rows * row_length tokens) is what remains.
+"""
 
 from __future__ import annotations
 
@@ -23,15 +31,17 @@ def attention_input_grams(llama: LlamaConfig, params: dict, seqs: list[list[int]
 
   @jax.jit
   def grams(state, tokens, positions, segment_ids):
-    m = nnx.merge(graphdef, state)
-    _, _, hidden = m(tokens, positions, segment_ids, return_hidden=True)
-    inputs = [m.embed(tokens)] + hidden[:-1]
-    w = (segment_ids > 0).astype(jnp.float32)[..., None]
-    out = []
-    for block, x in zip(m.layers, inputs):
-      h = block.attn_norm(x) * w
-      out.append(jnp.einsum('BTD,BTE->DE', h, h, preferred_element_type=jnp.float32))
-    return out, jnp.sum(w)
+    with jax.default_matmul_precision('highest'):  # the teacher's own matmuls, traced here
+      m = nnx.merge(graphdef, state)
+      _, _, hidden = m(tokens, positions, segment_ids, return_hidden=True)
+      inputs = [m.embed(tokens)] + hidden[:-1]
+      w = (segment_ids > 0).astype(jnp.float32)[..., None]
+      out = []
+      for block, x in zip(m.layers, inputs):
+        h = block.attn_norm(x) * w
+        out.append(jnp.einsum('BTD,BTE->DE', h, h, preferred_element_type=jnp.float32,
+                              precision=jax.lax.Precision.HIGHEST))
+      return out, jnp.sum(w)
 
   packed = evaluation.pack(seqs, row_length)
   total = [np.zeros((llama.dim, llama.dim), np.float64) for _ in range(llama.n_layers)]

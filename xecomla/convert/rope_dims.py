@@ -15,6 +15,8 @@ Shared key: `mean` (paper) averages the per-head RoPE key columns; `fit` treats 
 complex number and fits all heads with one key and a complex factor per head (a rank-1 complex
 SVD, weighted by the query pair norms). Since a complex factor commutes with the rotation, the
 conjugate factor moves into that head's query columns exactly.
+
+Everything is computed in float64 (numpy), like the rest of the conversion.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ KEYS = ('mean', 'fit')
 def pair_norms(w: np.ndarray) -> np.ndarray:
   """w [D, N, d_h] -> [N, d_h/2]: Frobenius norm of each head's two columns of each pair."""
   half = w.shape[-1] // 2
+  w = np.asarray(w, np.float64)
   return np.sqrt(np.sum(w[..., :half] ** 2 + w[..., half:] ** 2, axis=0))
 
 
@@ -63,14 +66,14 @@ def choose(choice: str, head_dim: int, d_r: int, wq: np.ndarray | None = None,
 
 
 def shared_key(method: str, wk_rope: np.ndarray, wq_rope: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """The shared RoPE key W^KR [D, d_r] and the (possibly compensated) query RoPE columns.
+  """The shared RoPE key W^KR [D, d_r] and the (possibly compensated) query RoPE columns, float64.
 
   wk_rope [D, N, d_r], wq_rope [D, N, d_r]: each head's RoPE columns in block (rotate-half) order.
   """
   if method not in KEYS:
     raise ValueError(f'rope_key={method!r}: choose one of {", ".join(KEYS)}.')
   if method == 'mean':
-    return wk_rope.mean(axis=1), wq_rope
+    return np.asarray(wk_rope, np.float64).mean(axis=1), np.asarray(wq_rope, np.float64)
   k = wk_rope.shape[-1] // 2
   key = np.zeros(wk_rope.shape[:1] + (2 * k,), np.float64)
   wq_out = np.array(wq_rope, np.float64)
@@ -89,4 +92,4 @@ def shared_key(method: str, wk_rope: np.ndarray, wq_rope: np.ndarray) -> tuple[n
     # Score term Re(q_i conj(z_i)) = Re((q_i conj(c_i)) conj(shared)): fold conj(c_i) into q_i.
     zq = zq * np.conj(c)[None, :]
     wq_out[:, :, p], wq_out[:, :, p + k] = zq.real, zq.imag
-  return key.astype(np.float32), wq_out.astype(np.float32)
+  return key, wq_out

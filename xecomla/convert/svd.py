@@ -1,4 +1,9 @@
-"""Low-rank factorisation and rank selection: pure functions over float32 arrays (jnp.linalg.svd).
+"""Low-rank factorisation and rank selection: pure numpy functions, computed in float64.
+
+The conversion is a one-off cost, so every product, SVD and solve here runs in numpy/LAPACK
+float64 on the host: the result is the same on every backend (an accelerator's default matmul
+precision, bfloat16 on TPU or TF32 on recent GPUs, never enters). Spectra and factors stay
+float64 until `factor` casts its result to float32.
 
 For a weight M [d_in, d_out] (row-vector convention, y = x M) and rank r:
   plain SVD            M = U S V^T,       M ~= (U_r S_r^a) (S_r^(1-a) V_r^T)
@@ -13,30 +18,30 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
 SIGMA = {'up': 0.0, 'down': 1.0, 'split': 0.5}
 
 
 def spectrum_svd(m: np.ndarray, whiten: np.ndarray | None = None):
-  """SVD of M (or of L^T M with `whiten` = L): returns (U, S, V^T) as float32 numpy arrays."""
-  m = jnp.asarray(m, jnp.float32)
+  """SVD of M (or of L^T M with `whiten` = L): returns (U, S, V^T) as float64 numpy arrays."""
+  m = np.asarray(m, np.float64)
   if whiten is not None:
-    m = jnp.asarray(whiten, jnp.float32).T @ m
-  u, s, vt = jnp.linalg.svd(m, full_matrices=False)
-  return np.asarray(u), np.asarray(s), np.asarray(vt)
+    m = np.asarray(whiten, np.float64).T @ m
+  return np.linalg.svd(m, full_matrices=False)
 
 
 def factor(u: np.ndarray, s: np.ndarray, vt: np.ndarray, rank: int, sigma: str = 'up',
            whiten: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """(down [d_in, r], up [r, d_out]) from an SVD; `whiten` = L undoes the whitening on the down side."""
+  """(down [d_in, r], up [r, d_out]) as float32, from an SVD; `whiten` = L undoes the whitening on
+  the down side. Computed in float64, cast once at the end."""
   if sigma not in SIGMA:
     raise ValueError(f"sigma={sigma!r}: choose one of {sorted(SIGMA)}")
   if not 1 <= rank <= len(s):
     raise ValueError(f'rank {rank} outside 1..{len(s)}')
   a = SIGMA[sigma]
-  sr = s[:rank].astype(np.float64)
+  u, s, vt = (np.asarray(x, np.float64) for x in (u, s, vt))
+  sr = s[:rank]
   down = u[:, :rank] * (sr ** a)[None, :]
   up = (sr ** (1 - a))[:, None] * vt[:rank]
   if whiten is not None:

@@ -10,7 +10,8 @@ Per layer, with W^Q [D, n_h, d_h], and W^K, W^V repeated per query head for GQA 
      key columns, which the latent never serves), W^DKV = U_r, S_r V_r^T gives W^UK (each head's
      no-RoPE key columns) and W^UV;
   5. ranks: fixed, per-layer by retained energy (delta), or allocated under a KV budget.
-Everything else (embeddings, norms, MLP, W^O) is the teacher's. With `method='activation'` every
+Everything else (embeddings, norms, MLP, W^O) is the teacher's. The arithmetic is numpy float64
+(see svd.py), cast to float32 once per parameter at the end. With `method='activation'` every
 factorisation minimises the error on calibration activations instead (see svd.py); with
 'random' the attention weights are freshly initialised at the same ranks.
 """
@@ -90,9 +91,9 @@ def upcycle(llama: LlamaConfig, params: dict, opts: InitOptions, *, whiteners: l
   layers = []
   for l in range(llama.n_layers):
     a = params['layers'][l]['attn']
-    wq = np.asarray(a['q'], np.float32)
-    wk = np.repeat(np.asarray(a['k'], np.float32), llama.group_size, axis=1)
-    wv = np.repeat(np.asarray(a['v'], np.float32), llama.group_size, axis=1)
+    wq = np.asarray(a['q'], np.float64)
+    wk = np.repeat(np.asarray(a['k'], np.float64), llama.group_size, axis=1)
+    wv = np.repeat(np.asarray(a['v'], np.float64), llama.group_size, axis=1)
     pairs, rope, nope = rope_dims.choose(opts.rope_dims, d_h, d_r, wq, wk)
     wkr, wq_rope = rope_dims.shared_key(opts.rope_key, wk[:, :, rope], wq[:, :, rope])
     wq_blocks = np.concatenate([wq[:, :, nope], wq_rope], axis=-1)          # [D, n_h, d_qk + d_r]
