@@ -9,6 +9,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 import json  # noqa: E402
 import shutil  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from configs.common import DATA  # noqa: E402
@@ -25,6 +26,64 @@ GREEDY_IDS = [1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395
               432, 358, 394, 261, 370, 432, 352]
 VALID_NLL_200 = 1.2832
 VALID_TOKENS_200 = 68490
+
+
+# ----------------------------------------------------------------------------------------------
+# Rounding bounds: where the tolerances of the numerical tests come from
+# ----------------------------------------------------------------------------------------------
+
+EPS32 = float(np.finfo(np.float32).eps)  # 2^-23 ~= 1.19e-7
+EPS64 = float(np.finfo(np.float64).eps)  # 2^-52 ~= 2.22e-16
+
+
+def f32_bound(scale, n_ops, eps=EPS32):
+  """The most that rounding alone can change a float32 result: eps * scale * n_ops.
+
+  A sum or dot product of n terms in any order, blocking or vector width, with or without FMA,
+  is within gamma_n * sum|terms| of the exact value, gamma_n ~= n * eps / 2 (Higham, Accuracy and
+  Stability of Numerical Algorithms, 2nd ed., eq. 3.5); so two evaluations (another kernel, another
+  CPU's instruction set, another mesh's reduction order) differ by at most n * eps * sum|terms|.
+  Along a chain of operations first-order errors add, so `n_ops` is the summed reduction length on
+  the path (forward_ops counts it for a transformer) and `scale` the magnitude of the values
+  compared (e.g. max |logit|). This is the worst case in n; real rounding errors grow like
+  sqrt(n), and the slack covers cancellation (sum|terms| > |result|) and the moderate gain between
+  layers. It stays far below what a bug does: a wrong RoPE pair, a transposed or misplaced weight
+  changes results by O(0.1-1) relative to `scale`.
+  """
+  return eps * float(scale) * n_ops
+
+
+def f64_bound(scale, n_ops):
+  """f32_bound for float64 arithmetic."""
+  return f32_bound(scale, n_ops, EPS64)
+
+
+def forward_ops(llama, seq_len, extra_per_layer=0):
+  """Summed reduction length along the path to one logit of a Llama-shaped transformer.
+
+  Per layer: RMSNorm (dim), Q/K/V (dim), scores (head_dim), softmax sum and P V (seq_len each),
+  W^O (n_heads * head_dim), RMSNorm (dim), gate/up (dim), down (hidden_dim); then the final norm
+  and the LM head (dim each). `extra_per_layer`: an MLA student's extra products through its
+  latents (r_kv + r_q).
+  """
+  per_layer = (4 * llama.dim + llama.head_dim + 2 * seq_len + llama.n_heads * llama.head_dim +
+               llama.hidden_dim + extra_per_layer)
+  return llama.n_layers * per_layer + 2 * llama.dim
+
+
+def max_abs(x):
+  return float(np.max(np.abs(np.asarray(x, np.float64))))
+
+
+def within(err, bound):
+  """err <= bound, with both in the message; appended to $XECOMLA_TOL_LOG when set (to measure the
+  margins on a machine)."""
+  err, bound = float(err), float(bound)
+  if os.environ.get('XECOMLA_TOL_LOG'):
+    with open(os.environ['XECOMLA_TOL_LOG'], 'a') as f:
+      f.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?').split(' ')[0]}\t{err:.3e}\t{bound:.3e}"
+              f"\t{err / bound if bound else float('inf'):.3f}\n")
+  assert err <= bound, f'error {err:.3e} exceeds the rounding bound {bound:.3e}'
 
 
 def require_shared_data():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.conftest import EPS64, f32_bound, forward_ops, max_abs, within
 from xecomla import generate
 from xecomla.convert.upcycle import InitOptions, upcycle
 from xecomla.models import kvcache, transformer
@@ -33,9 +34,16 @@ def test_mqa_at_full_rank_with_all_dims_rope_reproduces_the_teacher(rope_dims, r
   t = tokens()
   teacher, _ = transformer.from_params(MQA, params)(t)
   ours, _ = transformer.from_params(cfg, student)(t)
-  # The paper's mean key is exact up to float32 rounding; the fitted key goes through a complex
-  # SVD and folds factors into the query, which adds rounding of its own.
-  assert float(jnp.abs(teacher - ours).max()) <= (1e-5 if rope_key == 'mean' else 1e-4)
+  # Exact in exact arithmetic (the conversion itself runs in float64 and rounds each weight once
+  # to float32): what remains is the two float32 forward passes, the student's through its
+  # latents (r_kv + r_q more per layer).
+  within(jnp.abs(teacher - ours).max(), f32_bound(max_abs(teacher), forward_ops(MQA, 64, 32 + 32)))
+
+
+def bound(cfg, logits, seq_len):
+  """Absorbed and explicit MLA are the same products associated differently: float32 rounding."""
+  return f32_bound(max_abs(logits), forward_ops(cfg.llama, seq_len, max(cfg.r_kv) + (max(
+      r for r in cfg.r_q if r) if any(cfg.r_q) else 0)))
 
 
 def student(per_layer: bool, latent_norm: bool, r_q):
@@ -72,10 +80,10 @@ def test_absorbed_decode_equals_explicit_path_at_every_position(per_layer, laten
   for i in range(t.shape[1]):
     out, cache = step(state, t[:, i:i + 1], jnp.full((2, 1), i, jnp.int32), cache)
     logits.append(out)
-  assert float(jnp.abs(jnp.concatenate(logits, 1) - full).max()) <= 1e-5
+  within(jnp.abs(jnp.concatenate(logits, 1) - full).max(), bound(cfg, full, 80))
   # A whole-prompt pass in absorbed mode agrees too.
   absorbed, _ = transformer.from_params(cfg, p, mla_mode='absorbed')(t)
-  assert float(jnp.abs(absorbed - full).max()) <= 1e-5
+  within(jnp.abs(absorbed - full).max(), bound(cfg, full, 80))
 
 
 def test_naive_decode_from_the_latent_cache_agrees():
@@ -84,7 +92,7 @@ def test_naive_decode_from_the_latent_cache_agrees():
   full, _ = transformer.from_params(cfg, p)(t)
   cache = kvcache.init_cache(cfg, 2, 32)
   naive, _ = transformer.from_params(cfg, p, mla_mode='explicit')(t, cache=cache)
-  assert float(jnp.abs(naive - full).max()) <= 1e-5
+  within(jnp.abs(naive - full).max(), bound(cfg, full, 24))
 
 
 def test_greedy_generation_through_the_compressed_cache_equals_full_forward_argmax():
@@ -116,7 +124,8 @@ def test_cache_holds_only_latent_and_shared_rope_key():
   bf16 = kvcache.init_cache(cfg, 3, 10, jnp.bfloat16)
   assert kvcache.cache_bytes(bf16) == 2 * 3 * 10 * sum(per_token)
   assert cfg.kv_values_per_token() == sum(per_token)
-  assert cfg.kv_fraction() == pytest.approx(sum(per_token) / (3 * 2 * 2 * 8))
+  # Ratios of integers: one float64 rounding on each side.
+  assert cfg.kv_fraction() == pytest.approx(sum(per_token) / (3 * 2 * 2 * 8), rel=2 * EPS64)
 
 
 def test_llama_3_2_1b_official_setting_keeps_9_4_percent():
@@ -124,8 +133,9 @@ def test_llama_3_2_1b_official_setting_keeps_9_4_percent():
                       head_dim=64, hidden_dim=8192)
   cfg = MLAConfig(llama=llama, r_kv=(64,) * 16, r_q=(1424,) * 16, d_r=32, d_qk=32, d_v=64,
                   rope_pairs=(None,) * 16)
-  assert cfg.kv_fraction() == pytest.approx(96 / 1024)
-  assert kvcache.kv_report(cfg, teacher=llama)['compression'] == pytest.approx(1024 / 96)
+  assert cfg.kv_fraction() == 96 / 1024  # a power-of-two denominator: exact
+  # A ratio of integers: one float64 rounding on each side.
+  assert kvcache.kv_report(cfg, teacher=llama)['compression'] == pytest.approx(1024 / 96, rel=2 * EPS64)
 
 
 def test_mla_config_round_trips_through_json():
@@ -144,7 +154,7 @@ def test_all_rope_student_has_no_nope_weights_and_decodes_exactly(tmp_path):
   full, _ = transformer.from_params(cfg, p, mla_mode='explicit')(t)
   cache = kvcache.init_cache(cfg, 2, 32)
   absorbed, _ = transformer.from_params(cfg, p)(t, cache=cache)
-  assert float(jnp.abs(absorbed - full).max()) <= 1e-5
+  within(jnp.abs(absorbed - full).max(), bound(cfg, full, 24))
   from xecomla import ckpt  # orbax refuses zero-size arrays: there must be none
   cks = ckpt.StageCheckpoints(str(tmp_path / 'ck'), async_save=False)
   cks.save(0, params=p, meta={'model': cfg.to_dict()})
