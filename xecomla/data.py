@@ -79,16 +79,82 @@ def encode_pieces(tokenizer, pieces: list[tuple[str, bool]], bos_id: int) -> tup
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
   if not os.path.exists(path):
-    raise UsageError(f'{path} does not exist.')
+    raise UsageError(f'{path} does not exist: fix the path.')
   rows = []
-  with open(path, encoding='utf-8') as f:
-    for n, line in enumerate(f, start=1):
-      if line.strip():
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-          raise UsageError(f'{path}:{n} is not valid JSON ({e.msg}).') from e
+  try:
+    with open(path, encoding='utf-8') as f:
+      for n, line in enumerate(f, start=1):
+        if line.strip():
+          try:
+            rows.append(json.loads(line))
+          except json.JSONDecodeError as e:
+            raise UsageError(f'{path}:{n} is not valid JSON ({e.msg}): fix or remove that '
+                             'line.') from e
+          if not isinstance(rows[-1], dict):
+            raise UsageError(f'{path}:{n} is not a JSON object: fix or remove that line.')
+  except UnicodeDecodeError as e:
+    raise UsageError(f'{path} is not UTF-8 text ({e.reason} at byte {e.start}): re-encode it as '
+                     'UTF-8.') from e
   return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks before a run writes anything (no tokenizer needed)
+# ----------------------------------------------------------------------------------------------
+
+def check_text(path: str, field: str) -> None:
+  """A text file must exist and hold at least one document; reads only up to its first one."""
+  from xecomla.eval import SEPARATOR
+  if not path:
+    raise UsageError(f'{field} is empty: set --config.{field}=PATH.')
+  if not os.path.isfile(path):
+    raise UsageError(f'{field}={path} does not exist: fix --config.{field} (is ../shared/data '
+                     'beside the project, or XECOMLA_DATA set?).')
+  n = 0
+  try:
+    with open(path, encoding='utf-8') as f:
+      for n, line in enumerate(f, start=1):
+        if line.replace(SEPARATOR, '').strip():
+          return
+  except UnicodeDecodeError as e:
+    raise UsageError(f'{field}={path} is not UTF-8 text (line {n + 1}: {e.reason}): re-encode it '
+                     'as UTF-8.') from e
+  raise UsageError(f'{field}={path} holds no document ({"empty" if not n else f"{n} blank or separator lines"}): '
+                   f'give a text file of {SEPARATOR}-separated documents.')
+
+
+def check_chat(path: str, field: str = 'data.train_path') -> int:
+  """Every line of a chat JSONL well-formed; returns the number of conversations."""
+  rows = read_jsonl(path)
+  for n, row in enumerate(rows, start=1):
+    where = f'{path}:{n}'
+    if not isinstance(row.get('messages'), list):
+      raise UsageError(f'{where} has no "messages" list: fix or remove that line.')
+    _check_messages(row['messages'], where)
+  if not rows:
+    raise UsageError(f'{field}={path} holds no conversation: give a JSONL file of '
+                     '{"messages": [...]} rows.')
+  return len(rows)
+
+
+def _check_messages(messages, where: str) -> None:
+  for m in messages:
+    if not isinstance(m, dict) or m.get('role') not in ROLES or not isinstance(m.get('content', ''), str):
+      raise UsageError(f'{where}: chat message {str(m)[:60]!r} needs a role in {sorted(ROLES)} '
+                       'and a string content: fix or remove that line.')
+
+
+def check_preferences(path: str, field: str = 'dpo.path') -> int:
+  """Every line of a preference JSONL well-formed; returns the number of pairs."""
+  if not os.path.isfile(path):
+    raise UsageError(f'{field}={path} does not exist: set it to a preference JSONL file.')
+  rows = read_jsonl(path)
+  for n, row in enumerate(rows, start=1):
+    msgs, _, _ = preference_pair(row, f'{path}:{n}')
+    _check_messages(msgs, f'{path}:{n}')
+  if not rows:
+    raise UsageError(f'{field}={path} holds no preference pair: give a JSONL file of pairs.')
+  return len(rows)
 
 
 def chat_examples(tokenizer, path: str, bos_id: int, seq_len: int) -> list[dict[str, np.ndarray]]:
@@ -160,9 +226,11 @@ def global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]
 def _content(turns: Any, where: str) -> str:
   if isinstance(turns, str):
     return turns
-  if isinstance(turns, list) and turns and isinstance(turns[-1], dict) and 'content' in turns[-1]:
+  if (isinstance(turns, list) and turns and isinstance(turns[-1], dict)
+      and isinstance(turns[-1].get('content'), str)):
     return turns[-1]['content']
-  raise UsageError(f'{where}: expected a string or a list of messages ending in an assistant turn.')
+  raise UsageError(f'{where}: expected a string or a list of messages ending in an assistant '
+                   'turn: fix or remove that line.')
 
 
 def preference_pair(row: dict[str, Any], where: str) -> tuple[list[dict[str, str]], str, str]:
@@ -170,16 +238,19 @@ def preference_pair(row: dict[str, Any], where: str) -> tuple[list[dict[str, str
   {"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]} or
   {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}."""
   if 'preferred_output' in row:
-    msgs = row.get('input', {}).get('messages')
+    msgs = row.get('input', {}).get('messages') if isinstance(row.get('input'), dict) else None
     if not isinstance(msgs, list):
-      raise UsageError(f'{where}: "input" needs a "messages" list.')
+      raise UsageError(f'{where}: "input" needs a "messages" list: fix or remove that line.')
     return msgs, _content(row['preferred_output'], where), _content(row.get('non_preferred_output'), where)
   if {'prompt', 'chosen', 'rejected'} <= set(row):
     prompt = row['prompt']
     msgs = [{'role': 'user', 'content': prompt}] if isinstance(prompt, str) else prompt
+    if not isinstance(msgs, list):
+      raise UsageError(f'{where}: "prompt" must be a string or a list of messages: fix or remove '
+                       'that line.')
     return msgs, _content(row['chosen'], where), _content(row['rejected'], where)
   raise UsageError(f'{where}: a preference row needs either input/preferred_output/'
-                   'non_preferred_output or prompt/chosen/rejected.')
+                   'non_preferred_output or prompt/chosen/rejected: fix or remove that line.')
 
 
 def encode_pair(tokenizer, messages, chosen: str, rejected: str, *, bos_id: int, max_len: int,

@@ -140,8 +140,11 @@ def read_mc(path: str) -> list[dict[str, Any]]:
     for n, line in enumerate(f, start=1):
       if not line.strip():
         continue
-      row = json.loads(line)
-      ok = (isinstance(row.get('context'), str) and isinstance(row.get('choices'), list)
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f'{path}:{n} is not valid JSON ({e.msg})') from e
+      ok = (isinstance(row, dict) and isinstance(row.get('context'), str) and isinstance(row.get('choices'), list)
             and row['choices'] and isinstance(row.get('label'), int)
             and 0 <= row['label'] < len(row['choices']))
       if not ok:

@@ -11,15 +11,74 @@ stderr naming the problem and the fix, and exit status 2.
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from xecomla import pipeline
-from xecomla.cli import fail_cleanly
+from xecomla.cli import EXIT_USAGE, UsageError, fail_cleanly
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config (configs/*.py[:arg]).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Work directory (default runs/<config name>).')
+_SHOW = flags.DEFINE_bool('show_config', False, 'Print every config field (dotted name = value) '
+                          'and exit.')
+
+
+def one_line(e: Exception) -> str:
+  """An exception's message on one line: the last line of a multi-line one (a config file's own
+  traceback ends with the error it raised)."""
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  return lines[-1] if lines else type(e).__name__
+
+
+def _flag_error(argv: list[str], e: Exception) -> str:
+  """One line for a flag that could not be parsed; an unknown config field is named with the
+  override that asked for it."""
+  key = str(e.args[0] if e.args else e).strip('\'"')
+  if isinstance(e, (AttributeError, KeyError)):
+    for arg in argv[1:]:
+      name = arg.lstrip('-').split('=', 1)[0]
+      if name.startswith('config.') and key in name.split('.'):
+        field = name[len('config.'):]
+        return (f'unknown config field {field!r} (from {arg}): fix its name; '
+                f'--show_config lists every field')
+    return f'unknown config field {key!r}: fix its name; --show_config lists every field'
+  return f'{one_line(e)}: fix the flag (--helpfull lists them; --show_config lists the config fields)'
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, but a bad flag or config override ends like any bad input: one
+  'error:' line on stderr and exit status 2, no traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 - flag parsing errors of every kind are bad input
+    print(f'error: {_flag_error(argv, e)}', file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+def load_config():
+  """The --config file's config; one that does not load (missing file, a bad argument after the
+  colon) is bad input."""
+  if not flags.FLAGS['config'].present:
+    raise UsageError('--config is missing: give one, e.g. --config=configs/stories260k.py')
+  try:
+    config = _CONFIG.value
+    config.keys()  # a config file that failed to load raises on first use
+    return config
+  except Exception as e:  # noqa: BLE001 - whatever the config file raised
+    raise UsageError(f'--config={flags.FLAGS["config"].config_filename} cannot be loaded '
+                     f'({one_line(e)}): fix the file name or its arguments.') from e
+
+
+def config_lines(config, prefix: str = '') -> list[str]:
+  lines = []
+  for key, value in sorted(config.items()):
+    if hasattr(value, 'items'):
+      lines += config_lines(value, f'{prefix}{key}.')
+    else:
+      lines.append(f'{prefix}{key} = {value!r}')
+  return lines
 
 
 def default_workdir(config_arg: str) -> str:
@@ -45,15 +104,17 @@ def print_summary(results: dict) -> None:
 @fail_cleanly
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}')
-  if _CONFIG.value is None:
-    raise app.UsageError('--config is required, e.g. --config=configs/stories260k.py')
+    raise UsageError(f'unexpected arguments {argv[1:]}: give every setting as --flag=value')
+  config = load_config()
+  if _SHOW.value:
+    print('\n'.join(config_lines(config)))
+    return
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS['config'].config_filename)
   logging.info('workdir %s', workdir)
-  out = pipeline.run(_CONFIG.value, workdir)
+  out = pipeline.run(config, workdir)
   print_summary(out.get('eval', {}))
   print(f'results in {workdir}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

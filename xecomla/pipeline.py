@@ -26,39 +26,31 @@ def parse_stages(stages: str) -> list[str]:
   return names
 
 
-def _need_file(path: str, field: str) -> None:
-  if not path:
-    raise UsageError(f'{field} is empty: set --config.{field}=PATH.')
-  if not os.path.exists(path):
-    raise UsageError(f'{field}={path} does not exist: fix --config.{field} (is ../shared/data '
-                     'beside the project, or XECOMLA_DATA set?).')
-
-
-def validate(config, stages: list[str]) -> None:
-  """Checks what can be checked before anything is written: one clear error per problem."""
+def validate(config, stages: list[str], workdir: str | None = None) -> None:
+  """Checks everything that can be checked before anything is written, from cheap facts only
+  (the teacher's config.json and safetensors headers or llama2.c header, the first document of a
+  text file, JSONL rows, the work directory's config.json and checkpoint metadata): one clear error
+  per problem. With `workdir`, also that resuming it is consistent with this config."""
   wd.compute_dtype(config)
-  _need_file(config.teacher.path, 'teacher.path')
-  if 'distill' in stages:
-    _need_file(config.data.train_path, 'data.train_path')
-    if config.distill.teacher_path:
-      _need_file(config.distill.teacher_path, 'distill.teacher_path')
-  if 'dpo' in stages:
-    _need_file(config.dpo.path, 'dpo.path')
-  if 'eval' in stages:
-    for i, p in enumerate([config.eval.path] + [p for p in config.eval.extra_paths.split(',') if p]):
-      if p:
-        _need_file(p, 'eval.path' if i == 0 else 'eval.extra_paths')
   for name in ('steps', 'batch_size', 'seq_len', 'accum', 'log_every', 'ckpt_every', 'keep'):
     if config.train[name] < 1:
-      raise UsageError(f'train.{name}={config.train[name]} must be at least 1.')
+      raise UsageError(f'train.{name}={config.train[name]} must be at least 1: raise it.')
   if config.train.lr <= 0:
-    raise UsageError(f'train.lr={config.train.lr} must be positive.')
+    raise UsageError(f'train.lr={config.train.lr} must be positive: raise it.')
+  if workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UsageError(f'--workdir {workdir} is a file: give a directory.')
+  teacher = wd.check_teacher(config.teacher.path, config.teacher.tokenizer, workdir)
+  checked = set(stages) | {'init'}  # the mla settings and the resume check always apply
+  for stage in STAGES:
+    if stage in checked:
+      module = importlib.import_module(f'xecomla.stages.{MODULES[stage]}')
+      module.validate(config, workdir, teacher, stages)
 
 
 def run(config, workdir: str) -> dict[str, Any]:
   """Runs config.stages in order; returns what each stage returned."""
   stages = parse_stages(config.stages)
-  validate(config, stages)
+  validate(config, stages, workdir)
   os.makedirs(workdir, exist_ok=True)
   fileio.atomic_write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
   out = {}

@@ -10,6 +10,7 @@ W/export/hf/           the Hugging Face export
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -73,6 +74,51 @@ def hf_dir(path: str, tokenizer: str, workdir: str, name: str = 'teacher_hf') ->
   return out
 
 
+def check_teacher(path: str, tokenizer: str, workdir: str | None, name: str = 'teacher_hf',
+                  field: str = 'teacher.path') -> LlamaConfig:
+  """What `hf_dir` would give, checked from cheap facts only (config.json and safetensors headers,
+  or the llama2.c header, size and tokenizer), writing nothing."""
+  if not path:
+    raise UsageError(f'{field} is empty: set --config.{field} to a Hugging Face Llama directory '
+                     'or a llama2.c .bin.')
+  if os.path.isdir(path):
+    return hf.check_llama_dir(path)
+  if not os.path.exists(path):
+    raise UsageError(f'{field}={path} does not exist: point it to a Hugging Face Llama directory '
+                     'or a llama2.c .bin (is ../shared/data beside the project?).')
+  if not path.endswith('.bin'):
+    raise UsageError(f'{field}={path} is a file but not a llama2.c .bin: give a Hugging Face '
+                     'Llama directory.')
+  converted = os.path.join(workdir, name) if workdir else None
+  if converted and os.path.exists(os.path.join(converted, 'config.json')):
+    return hf.check_llama_dir(converted)
+  if not tokenizer:
+    raise UsageError(f'{field}={path} is a llama2.c checkpoint: set teacher.tokenizer to its '
+                     'tok*.bin.')
+  if not os.path.isfile(tokenizer):
+    raise UsageError(f'teacher.tokenizer={tokenizer} does not exist: set it to the tok*.bin of '
+                     f'{path}.')
+  config = llama2c.read_config(path)
+  from xecomla.convert.tokenizer import LlamaC2Tokenizer
+  try:
+    pieces = LlamaC2Tokenizer.load(tokenizer).vocab_size
+  except Exception as e:  # noqa: BLE001 - any unreadable tokenizer is bad input
+    raise UsageError(f'teacher.tokenizer={tokenizer} is not a llama2.c tokenizer ({e}): give the '
+                     f'tok*.bin of {path}.') from e
+  if pieces != config.vocab_size:
+    raise UsageError(f'teacher.tokenizer={tokenizer} has {pieces} pieces, the checkpoint '
+                     f'{config.vocab_size}: give the tokenizer the checkpoint was trained with.')
+  return config
+
+
+def converted_dir(path: str, workdir: str, name: str = 'teacher_hf') -> str | None:
+  """The Hugging Face directory of a teacher if it exists already (itself, or its conversion)."""
+  if os.path.isdir(path):
+    return path
+  out = os.path.join(workdir, name)
+  return out if os.path.exists(os.path.join(out, 'config.json')) else None
+
+
 def teacher_dir(config, workdir: str) -> str:
   return hf_dir(config.teacher.path, config.teacher.tokenizer, workdir)
 
@@ -100,6 +146,27 @@ def load_student_from(workdir: str, stage: str, step: int | None = None) -> tupl
   return cfg, restored['params'], meta
 
 
+def latest_step_dir(workdir: str, stage: str) -> str | None:
+  d = os.path.join(stage_dir(workdir, stage), 'ckpt')
+  steps = [int(n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
+  return os.path.join(d, str(max(steps))) if steps else None
+
+
+def peek_meta(workdir: str, stage: str) -> dict | None:
+  """The JSON meta of a stage's latest checkpoint, read from its file without orbax (which would
+  create directories): None when the stage has no checkpoint."""
+  step = latest_step_dir(workdir, stage)
+  if step is None:
+    return None
+  path = os.path.join(step, 'meta', 'metadata')
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise UsageError(f'{path} cannot be read ({e}): the work directory {workdir} is damaged; use a '
+                     'new --workdir, or delete it to start fresh.') from e
+
+
 def latest_student(workdir: str, before: str | None = None) -> tuple[str, MLAConfig, dict, dict] | None:
   """The student of the latest stage that has one (dpo, then distill, then init); with `before`,
   only stages that come before it in the pipeline."""
@@ -111,3 +178,50 @@ def latest_student(workdir: str, before: str | None = None) -> tuple[str, MLACon
       cfg, params, meta = load_student_from(workdir, stage)
       return stage, cfg, params, meta
   return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Resuming
+# ----------------------------------------------------------------------------------------------
+
+FRESH = 'use a new --workdir, or delete {w} to start fresh'
+RESUME_SECTIONS = ('teacher', 'mla')  # what a work directory's students were made from
+
+
+def _normalised(section: str, values: dict) -> dict:
+  out = dict(values)
+  if section == 'mla' and not out.get('r_q'):
+    out['r_q'] = None  # 0 and None both mean an uncompressed query
+  if section == 'teacher':
+    out = {k: os.path.abspath(v) if isinstance(v, str) and v else v for k, v in out.items()}
+  return out
+
+
+def check_resume(config, workdir: str, init_options: dict[str, Any]) -> None:
+  """Refuses a work directory whose run was made with other teacher or mla settings (its
+  config.json, or the options its init student records): resuming would mix two experiments."""
+  fix = FRESH.format(w=workdir)
+  path = os.path.join(workdir, 'config.json')
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        old = json.load(f)
+    except (OSError, ValueError) as e:
+      raise UsageError(f'{path} is not valid JSON ({e}): {fix}.') from e
+    new = json.loads(config.to_json_best_effort())
+    diffs = []
+    for section in RESUME_SECTIONS:
+      a, b = (_normalised(section, c.get(section) or {}) for c in (old, new))
+      diffs += [f'{section}.{k} {a[k]!r} -> {b[k]!r}' for k in sorted(set(a) & set(b))
+                if a[k] != b[k]]
+    if diffs:
+      raise UsageError(f'{workdir} holds a run with other settings ({", ".join(diffs)}): refusing '
+                       f'to resume it; {fix}.')
+  meta = peek_meta(workdir, 'init')
+  if meta is not None:
+    old = meta.get('report', {}).get('options', {})
+    diffs = [f'mla.{k} {old[k]!r} -> {v!r}' for k, v in init_options.items()
+             if k in old and old[k] != v]
+    if diffs:
+      raise UsageError(f'{stage_dir(workdir, "init")} holds a student made with other mla settings '
+                       f'({", ".join(diffs)}): refusing to resume it; {fix}.')

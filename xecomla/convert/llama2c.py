@@ -34,24 +34,21 @@ def interleaved_to_rotate_half(w: np.ndarray, n_heads: int) -> np.ndarray:
   return w.reshape(n_heads, d_h // 2, 2, in_dim).transpose(0, 2, 1, 3).reshape(out_dim, in_dim)
 
 
-def read_llama2c(path: str, norm_eps: float = 1e-5, rope_theta: float = 10000.0,
-                 bos_id: int = 1, eos_id: int = 2) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
-  """Reads a legacy llama2.c checkpoint into a config and Hugging Face-named tensors."""
-  if not os.path.exists(path):
-    raise CheckpointError(f'llama2.c checkpoint {path} does not exist.')
-  with open(path, 'rb') as f:
-    data = f.read()
-  if len(data) >= 4 and struct.unpack_from('<I', data)[0] == MAGIC:
-    raise CheckpointError(f'{path} is a versioned llama2.c export (magic ak42); export it with '
+def _layout(path: str, head: bytes, size: int, norm_eps: float, rope_theta: float, bos_id: int,
+            eos_id: int) -> tuple[LlamaConfig, list[tuple[str, tuple[int, ...]]]]:
+  """The config and tensor layout a llama2.c header implies, checked against the file size."""
+  if len(head) >= 4 and struct.unpack_from('<I', head)[0] == MAGIC:
+    raise CheckpointError(f'{path} is a versioned llama2.c export (magic ak42): export it with '
                           'version=0 (legacy) to import it.')
-  if len(data) < 4 * HEADER:
-    raise CheckpointError(f'{path} is too short to be a llama2.c checkpoint.')
-  dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = struct.unpack_from('<7i', data)
+  if len(head) < 4 * HEADER:
+    raise CheckpointError(f'{path} is too short to be a llama2.c checkpoint: give a legacy '
+                          'llama2.c .bin.')
+  dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = struct.unpack_from('<7i', head)
   shared = vocab > 0
   vocab = abs(vocab)
   if min(dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len) <= 0 or dim % n_heads:
     header = (dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len)
-    raise CheckpointError(f'{path}: implausible llama2.c header {header}; is it a llama2.c .bin?')
+    raise CheckpointError(f'{path}: implausible llama2.c header {header}: is it a llama2.c .bin?')
   d_h = dim // n_heads
   kv_dim = n_kv_heads * d_h
   shapes = [('tok_emb', (vocab, dim)), ('rms_att', (n_layers, dim)),
@@ -64,19 +61,42 @@ def read_llama2c(path: str, norm_eps: float = 1e-5, rope_theta: float = 10000.0,
   if not shared:
     shapes.append(('wcls', (vocab, dim)))
   expected = 4 * HEADER + 4 * sum(int(np.prod(s)) for _, s in shapes)
-  if len(data) != expected:
-    raise CheckpointError(f'{path} has {len(data)} bytes; its header implies {expected}. '
-                          'The file is truncated or not a legacy llama2.c checkpoint.')
+  if size != expected:
+    raise CheckpointError(f'{path} has {size} bytes but its header implies {expected}: the file '
+                          'is truncated or not a legacy llama2.c checkpoint; re-download it.')
+  config = LlamaConfig(vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads,
+                       n_kv_heads=n_kv_heads, head_dim=d_h, hidden_dim=hidden, norm_eps=norm_eps,
+                       rope_theta=rope_theta, max_seq_len=seq_len, tie_embeddings=shared,
+                       bos_id=bos_id, eos_id=eos_id)
+  return config, shapes
+
+
+def read_config(path: str, norm_eps: float = 1e-5, rope_theta: float = 10000.0, bos_id: int = 1,
+                eos_id: int = 2) -> LlamaConfig:
+  """The config of a llama2.c checkpoint from its header and size alone (no weights read)."""
+  if not os.path.isfile(path):
+    raise CheckpointError(f'llama2.c checkpoint {path} does not exist: fix teacher.path.')
+  with open(path, 'rb') as f:
+    head = f.read(4 * HEADER)
+  return _layout(path, head, os.path.getsize(path), norm_eps, rope_theta, bos_id, eos_id)[0]
+
+
+def read_llama2c(path: str, norm_eps: float = 1e-5, rope_theta: float = 10000.0,
+                 bos_id: int = 1, eos_id: int = 2) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
+  """Reads a legacy llama2.c checkpoint into a config and Hugging Face-named tensors."""
+  if not os.path.exists(path):
+    raise CheckpointError(f'llama2.c checkpoint {path} does not exist.')
+  with open(path, 'rb') as f:
+    data = f.read()
+  config, shapes = _layout(path, data[:4 * HEADER], len(data), norm_eps, rope_theta, bos_id, eos_id)
+  n_layers, n_heads, n_kv_heads, shared = (config.n_layers, config.n_heads, config.n_kv_heads,
+                                           config.tie_embeddings)
   floats = np.frombuffer(data, dtype='<f4', offset=4 * HEADER)
   w, off = {}, 0
   for name, shape in shapes:
     n = int(np.prod(shape))
     w[name] = floats[off:off + n].reshape(shape)
     off += n
-  config = LlamaConfig(vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads,
-                       n_kv_heads=n_kv_heads, head_dim=d_h, hidden_dim=hidden, norm_eps=norm_eps,
-                       rope_theta=rope_theta, max_seq_len=seq_len, tie_embeddings=shared,
-                       bos_id=bos_id, eos_id=eos_id)
   t = {'model.embed_tokens.weight': w['tok_emb'], 'model.norm.weight': w['rms_final']}
   if not shared:
     t['lm_head.weight'] = w['wcls']

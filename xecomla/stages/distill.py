@@ -30,17 +30,52 @@ def optimizer(config, lr: float, n_steps: int):
                       **kwargs), optim.schedule(**kwargs))
 
 
-def check_vocabulary(student_dir: str, teacher_dir: str, student_vocab: int, teacher_vocab: int):
+def check_vocabulary(student_dir: str, teacher_dir: str, student_vocab: int, teacher_vocab: int,
+                     tokenizers: bool = True):
   """The KD teacher must predict over the student's vocabulary, token for token."""
   if student_vocab != teacher_vocab:
     raise UsageError(f'the distillation teacher {teacher_dir} has a vocabulary of {teacher_vocab} '
                      f'tokens, the student {student_vocab}: choose a teacher of the same family.')
   paths = [os.path.join(d, 'tokenizer.json') for d in (student_dir, teacher_dir)]
-  if student_dir != teacher_dir and all(os.path.exists(p) for p in paths):
+  if tokenizers and student_dir != teacher_dir and all(os.path.exists(p) for p in paths):
     vocabs = [json.load(open(p, encoding='utf-8'))['model'].get('vocab') for p in paths]
     if vocabs[0] != vocabs[1]:
       raise UsageError(f'the distillation teacher {teacher_dir} uses a different tokenizer '
                        'vocabulary than the student: choose a teacher of the same family.')
+
+
+def tokenizer_dir(path: str, workdir: str | None, name: str) -> str | None:
+  return wd.converted_dir(path, workdir, name) if workdir else (path if os.path.isdir(path) else None)
+
+
+def validate(config, workdir: str | None, teacher, stages: list[str]) -> None:
+  """Everything distill would refuse, from cheap facts: the student's source, the KD teacher's
+  vocabulary and shape, the batch against the mesh, the training data."""
+  if workdir and 'init' not in stages and not wd.has_checkpoint(workdir, 'init'):
+    raise UsageError(f'no student in {wd.stage_dir(workdir, "init")}: run the init stage first '
+                     '(config.stages=init,distill,...).')
+  d, t = config.distill, config.train
+  kd = teacher
+  if d.teacher_path:
+    kd = wd.check_teacher(d.teacher_path, '', workdir, 'kd_teacher_hf', 'distill.teacher_path')
+    dirs = [tokenizer_dir(config.teacher.path, workdir, 'teacher_hf'),
+            tokenizer_dir(d.teacher_path, workdir, 'kd_teacher_hf')]
+    check_vocabulary(dirs[0] or config.teacher.path, dirs[1] or d.teacher_path,
+                     teacher.vocab_size, kd.vocab_size, tokenizers=all(dirs))
+  if d.hidden_weight > 0 and (kd.n_layers, kd.dim) != (teacher.n_layers, teacher.dim):
+    raise UsageError('distill.hidden_weight > 0 needs a teacher of the student\'s depth and width '
+                     f'({teacher.n_layers} layers, dim {teacher.dim}; this one has {kd.n_layers}, '
+                     f'{kd.dim}): set it to 0 for this teacher.')
+  if t.batch_size % t.accum:
+    raise UsageError(f'train.batch_size={t.batch_size} is not divisible by train.accum={t.accum}: '
+                     'change one of them.')
+  sharding.check_batch(t.batch_size // t.accum, mesh_of(config), 'train.batch_size / train.accum')
+  if config.data.format == 'text':
+    data.check_text(config.data.train_path, 'data.train_path')
+  elif config.data.format == 'chat':
+    data.check_chat(config.data.train_path)
+  else:
+    raise UsageError(f"data.format={config.data.format!r} is not known: use 'text' or 'chat'.")
 
 
 def run(config, workdir: str) -> dict[str, Any]:

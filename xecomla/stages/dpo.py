@@ -59,6 +59,27 @@ def reward_evaluator(graphdef, ref_params, pairs: list[dict[str, np.ndarray]], b
   return evaluate
 
 
+def validate(config, workdir: str | None, teacher, stages: list[str]) -> None:
+  d = config.dpo
+  if (workdir and not {'init', 'distill'} & set(stages)
+      and wd.latest_step_dir(workdir, 'init') is None
+      and wd.latest_step_dir(workdir, 'distill') is None):
+    raise UsageError(f'no student to align in {workdir}: run init (and distill) before dpo.')
+  if not d.path:
+    raise UsageError('dpo.path is empty: set it to a preference JSONL file.')
+  if d.max_prompt_len >= d.max_len:
+    raise UsageError(f'dpo.max_prompt_len ({d.max_prompt_len}) must be below dpo.max_len '
+                     f'({d.max_len}): lower it.')
+  if d.max_len > teacher.max_seq_len + 1:
+    raise UsageError(f'dpo.max_len={d.max_len} exceeds the model\'s maximum length '
+                     f'{teacher.max_seq_len}: lower it.')
+  pairs = data.check_preferences(d.path)
+  if pairs <= d.eval_pairs + d.batch_size:
+    raise UsageError(f'{d.path} has {pairs} pairs: too few for dpo.eval_pairs={d.eval_pairs} '
+                     f'held out plus a batch of {d.batch_size}; lower them or add pairs.')
+  sharding.check_batch(d.batch_size, mesh_of(config), 'dpo.batch_size')
+
+
 def run(config, workdir: str) -> dict[str, Any]:
   found = wd.latest_student(workdir, before='dpo')
   if found is None:

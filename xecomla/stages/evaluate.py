@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from xecomla import eval as evaluation
-from xecomla import fileio, generate, workdir as wd
+from xecomla import data, fileio, generate, workdir as wd
 from xecomla.cli import UsageError
 from xecomla.models import kvcache, transformer
 from xecomla.models.config import LlamaConfig
@@ -30,6 +30,22 @@ def mc_paths(config) -> list[str]:
     if not os.path.exists(p):
       raise UsageError(f'multiple-choice file {p} does not exist: fix eval.mc_paths.')
   return paths
+
+
+def validate(config, workdir: str | None, teacher, stages: list[str]) -> None:
+  """Every evaluation file exists and is usable: text with at least one document, well-formed
+  multiple-choice rows (file and line named)."""
+  for i, p in enumerate(text_paths(config)):
+    data.check_text(p, 'eval.path' if p == config.eval.path else 'eval.extra_paths')
+  for p in mc_paths(config):
+    try:
+      rows = evaluation.read_mc(p)
+    except UnicodeDecodeError as e:
+      raise UsageError(f'eval.mc_paths: {p} is not UTF-8 text: re-encode it as UTF-8.') from e
+    except ValueError as e:  # JSON errors and malformed rows
+      raise UsageError(f'eval.mc_paths: {p}: {str(e).rstrip(".")}: fix or remove that line.') from e
+    if not rows:
+      raise UsageError(f'eval.mc_paths: {p} holds no question: give a JSONL file of questions.')
 
 
 def evaluate_model(model, tokenizer: Tokenizer, config, teacher: LlamaConfig) -> dict[str, Any]:

@@ -49,6 +49,51 @@ def up_to_date(workdir: str, out: str) -> bool:
   return True
 
 
+def predicted_source(config, workdir: str, stages: list[str]) -> dict[str, Any] | None:
+  """Which student the export stage will find after this run's earlier stages: the latest of dpo,
+  distill, init that this run trains or that has a checkpoint (None if unknown)."""
+  steps = {'dpo': config.dpo.steps, 'distill': config.train.steps, 'init': 0}
+  for stage in wd.STUDENT_STAGES:
+    if stage in stages:
+      return {'stage': stage, 'step': steps[stage]}
+    meta = wd.peek_meta(workdir, stage)
+    if meta is not None:
+      return {'stage': stage, 'step': meta.get('summary', {}).get('steps', 0)}
+  return None
+
+
+def validate(config, workdir: str | None, teacher, stages: list[str]) -> None:
+  """The export target must be empty, or hold an export of the very student this run ends with."""
+  if not workdir:
+    return
+  latest = predicted_source(config, workdir, stages)
+  if latest is None:
+    raise UsageError(f'no student checkpoint in {workdir}: run the init stage (and training) '
+                     'first.')
+  if config.export.deepseek:
+    m = config.mla
+    if not m.latent_norm or m.kv_energy is not None or m.q_energy is not None or (
+        m.kv_budget is not None) or m.rope_dims != 'paper':
+      raise UsageError('export.deepseek: DeepseekV3 needs mla.latent_norm=True, fixed ranks and '
+                       'mla.rope_dims=paper: change those settings or set export.deepseek=False.')
+  outs = [config.export.out or os.path.join(workdir, 'export', 'hf')]
+  if config.export.deepseek:
+    outs.append(os.path.join(os.path.dirname(outs[0]), 'deepseek_v3'))
+  for out in outs:
+    if os.path.isfile(out):
+      raise UsageError(f'export.out={out} is a file: set export.out to a new directory.')
+    if not (os.path.isdir(out) and os.listdir(out)):
+      continue
+    path = os.path.join(out, SOURCE)
+    made_from = fileio.read_json(path) if os.path.isfile(path) else None
+    if made_from is None:
+      raise UsageError(f'export directory {out} exists and is not empty: set export.out to a new '
+                       'directory, or empty it.')
+    if made_from != latest:
+      raise UsageError(f'{out} holds an export of {made_from}, but this run ends with the student '
+                       f'{latest}: delete that directory or set export.out to a new one.')
+
+
 def run(config, workdir: str) -> dict[str, Any]:
   out = config.export.out or os.path.join(workdir, 'export', 'hf')
   tokenizer_dir = wd.teacher_dir(config, workdir)

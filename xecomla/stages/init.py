@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -27,6 +28,58 @@ def init_options(config, head_dim: int) -> upcycle.InitOptions:
         keep_ends_fixed=m.keep_ends_fixed, latent_norm=m.latent_norm)
   except ValueError as e:
     raise UsageError(str(e)) from e
+
+
+def check_mla(config, llama) -> upcycle.InitOptions:
+  """The mla settings against the teacher's shapes: what upcycle would refuse half-way, refused
+  before anything is written."""
+  m, d_h, n_h, dim, n = config.mla, llama.head_dim, llama.n_heads, llama.dim, llama.n_layers
+  evens = ', '.join(str(r) for r in range(2, d_h + 1, 2))
+  if not isinstance(m.d_r, int) or m.d_r < 2 or m.d_r % 2 or m.d_r > d_h:
+    raise UsageError(f'mla.d_r={m.d_r} must be even (RoPE rotates pairs of dims), positive and at '
+                     f'most the teacher head_dim {d_h}: set mla.d_r to one of {evens} and '
+                     f'mla.d_qk to {d_h} minus it.')
+  opts = init_options(config, d_h)
+  for name in ('kv_energy', 'q_energy'):
+    if m[name] is not None and not 0 < m[name] <= 1:
+      raise UsageError(f'mla.{name}={m[name]} is outside (0, 1]: give the fraction of energy to '
+                       'retain, e.g. 0.95, or leave it unset for a fixed rank.')
+  kv_cols = n_h * d_h + n_h * (d_h if m.kv_svd == 'joint' else m.d_qk)
+  kv_cap, q_cap = min(dim, kv_cols), min(dim, n_h * d_h)
+  if m.r_kv < 1 or (m.kv_energy is None and m.kv_budget is None and m.r_kv > kv_cap):
+    raise UsageError(f'mla.r_kv={m.r_kv} is outside 1..{kv_cap}, the full rank of the {dim} x '
+                     f'{kv_cols} matrix [W^K, W^V] it factorises (min(D, 2*n_h*d_h) for the '
+                     f'joint SVD): set mla.r_kv between 1 and {kv_cap}.')
+  if m.r_q is not None and (m.r_q < 0 or (m.r_q and m.q_energy is None and m.r_q > q_cap)):
+    raise UsageError(f'mla.r_q={m.r_q} is outside 1..{q_cap}, the full rank of the {dim} x '
+                     f'{n_h * d_h} query matrix it factorises: set mla.r_q between 1 and {q_cap}, '
+                     'or 0 for an uncompressed query.')
+  if m.kv_budget is not None:
+    teacher = llama.kv_values_per_token()
+    need = n * (m.round_to + m.d_r)
+    if not 0 < m.kv_budget <= 1 or int(math.floor(m.kv_budget * teacher + 1e-9)) < need:
+      raise UsageError(f'mla.kv_budget={m.kv_budget} keeps {int(m.kv_budget * teacher)} of '
+                       f'{teacher} KV values per token, below one chunk (mla.round_to='
+                       f'{m.round_to}) per layer plus the RoPE key ({n} x ({m.round_to} + '
+                       f'{m.d_r}) = {need}): raise mla.kv_budget to at least '
+                       f'{math.ceil(need / teacher * 1000) / 1000} (at most 1) or lower '
+                       'mla.round_to.')
+  if m.init == 'activation':
+    path = m.calib_path or config.data.train_path
+    if not path or not os.path.exists(path):
+      raise UsageError(f'mla.init=activation needs calibration text: {path!r} does not exist: set '
+                       'mla.calib_path or data.train_path.')
+  return opts
+
+
+def validate(config, workdir: str | None, llama, stages: list[str]) -> None:
+  opts = check_mla(config, llama)
+  if workdir:
+    wd.check_resume(config, workdir, dataclasses.asdict(opts))
+  if config.mla.init == 'activation' and 'init' in stages:
+    from xecomla import data
+    data.check_text(config.mla.calib_path or config.data.train_path,
+                    'mla.calib_path' if config.mla.calib_path else 'data.train_path')
 
 
 def run(config, workdir: str) -> dict[str, Any]:
