@@ -5,33 +5,130 @@ Items are saved side by side, so the parameters of a training checkpoint can be 
 optimiser state (`restore(..., items=('params', 'meta'))`). Saves are asynchronous; a save of a
 step that already exists is skipped. Parameters are always restored into an abstract tree (shapes,
 dtypes and, when given, shardings) built from the saved architecture.
+
+Damaged checkpoints. Every save records a manifest (MANIFEST: the size of every file of every
+item) inside the step directory before orbax commits it (orbax's post-finalization callback runs
+before the atomic rename), so a committed step always carries its manifest. `restore()` of the
+latest step checks a step before reading it: the commit marker is there, every manifest file is
+there with its size, every wanted item is there; then orbax reads it (its own checks: metadata,
+array shapes, OCDBT manifests). A step that fails either is named in a one-line warning and the
+previous one is tried; with none left, NoValidCheckpoint (a FileNotFoundError: exit status 2 on
+the command line) names them all. Sizes, not hashes: truncation, half-written saves and missing
+items change sizes or existence, which costs a stat per file; a sha256 would also catch same-size
+bit rot but reads every byte twice (save and restore), minutes for a multi-GB optimiser state.
+Orphaned orbax tmp directories (a save that never finished) are ignored, with a warning.
 """
 
 from __future__ import annotations
 
+import glob
+import json
 import os
-from typing import Any
+import shutil
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+
+from xecomla import faults, fileio
 
 JSON_ITEMS = ('meta', 'data')
+MANIFEST = 'xecomla_manifest.json'
+COMMIT = 'commit_success.txt'
+TMP = '.orbax-checkpoint-tmp'
+
+
+class NoValidCheckpoint(FileNotFoundError):
+  """A stage directory holds checkpoints, but none of them can be read."""
+
+
+def manifest_of(step_dir: str) -> dict:
+  """{'items': [...], 'files': {relative path: size}} of the item subdirectories of a step."""
+  items = sorted(n for n in os.listdir(step_dir) if os.path.isdir(os.path.join(step_dir, n)))
+  files = {}
+  for item in items:
+    for root, _, names in os.walk(os.path.join(step_dir, item)):
+      for n in names:
+        p = os.path.join(root, n)
+        files[os.path.relpath(p, step_dir)] = os.path.getsize(p)
+  return {'items': items, 'files': files}
+
+
+def check_step_dir(step_dir: str, items: tuple[str, ...] = ()) -> str | None:
+  """Why the step directory cannot be restored, or None if it looks complete."""
+  if not os.path.isdir(step_dir):
+    return 'missing'
+  if not os.path.exists(os.path.join(step_dir, COMMIT)):
+    return f'half-written: no {COMMIT}'
+  path = os.path.join(step_dir, MANIFEST)
+  if os.path.exists(path):
+    try:
+      manifest = fileio.read_json(path)
+      files = manifest['files']
+    except (ValueError, KeyError, OSError) as e:
+      return f'{MANIFEST} unreadable ({e})'
+    for rel, size in sorted(files.items()):
+      p = os.path.join(step_dir, rel)
+      if not os.path.exists(p):
+        return f'{rel} is missing'
+      if os.path.getsize(p) != size:
+        return f'{rel} is {os.path.getsize(p)} bytes, {size} were written (truncated?)'
+  for item in items:
+    if not os.path.exists(os.path.join(step_dir, item, COMMIT)):
+      return f'item {item!r} is missing'
+  return None
 
 
 class StageCheckpoints:
 
   def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    self._saving: int | None = None
+    self._async = async_save
+    self._warned: set[str] = set()
+    async_options = (ocp.AsyncOptions(post_finalization_callback=self._before_commit)
+                     if async_save else None)
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=async_save))
+                                             enable_async_checkpointing=async_save,
+                                             async_options=async_options))
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
 
   def latest_step(self) -> int | None:
-    return self._manager.latest_step()
+    """The newest committed step, damaged or not (see latest_valid_step)."""
+    steps = self.all_steps()
+    return steps[-1] if steps else None
 
   def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    """Steps with a step directory (orbax's, plus any without a commit marker)."""
+    on_disk = [int(n) for n in os.listdir(self.directory) if n.isdigit()]
+    return sorted(set(self._manager.all_steps()) | set(on_disk))
+
+  def check(self, step: int, items: tuple[str, ...] = ()) -> str | None:
+    return check_step_dir(self.step_dir(step), items)
+
+  def latest_valid_step(self, items: tuple[str, ...] = ()) -> int | None:
+    return next((s for s in reversed(self.all_steps()) if self.check(s, items) is None), None)
+
+  # -- saving ------------------------------------------------------------------------------------
+
+  def _before_commit(self) -> None:
+    """orbax's post-finalization callback: every item is written, the step not yet committed
+    (renamed from its tmp directory). Records the manifest inside it, so it commits with it."""
+    step = self._saving
+    try:
+      if step is not None and jax.process_index() == 0:
+        dirs = sorted(glob.glob(os.path.join(self.directory, f'{step}{TMP}*')))
+        target = dirs[-1] if dirs else self.step_dir(step)
+        fileio.atomic_write_json(os.path.join(target, MANIFEST), manifest_of(target))
+    except OSError as e:  # never fail the save over its manifest: orbax's checks still apply
+      logging.warning('checkpoint %d: no manifest written (%s)', step, e)
+    if step is not None:
+      faults.at('during_save', step)
 
   def save(self, step: int, *, params: Any, meta: dict, opt: Any = None, data: dict | None = None,
            force: bool = True) -> bool:
@@ -42,15 +139,25 @@ class StageCheckpoints:
       items['opt'] = ocp.args.StandardSave(opt)
     if data is not None:
       items['data'] = ocp.args.JsonSave(data)
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    self._manager.wait_until_finished()
+    self._saving = step
+    saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    if saved and not self._async:  # synchronous: already committed
+      d = self.step_dir(step)
+      if jax.process_index() == 0 and os.path.isdir(d):
+        fileio.atomic_write_json(os.path.join(d, MANIFEST), manifest_of(d))
+    return saved
 
-  def restore(self, step: int | None = None, *, abstract: dict[str, Any] | None = None,
-              items: tuple[str, ...] = ('params', 'meta')) -> dict[str, Any]:
-    """Restores `items` of `step` (default latest). `abstract` maps 'params' / 'opt' to trees of
-    jax.ShapeDtypeStruct (with shardings) to restore into."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'no checkpoint in {self.directory}')
+  def discard(self, step: int) -> None:
+    """Deletes a (damaged) step and any unfinished save of it, so that it can be written again."""
+    for d in [self.step_dir(step)] + glob.glob(os.path.join(self.directory, f'{step}{TMP}*')):
+      if os.path.isdir(d):
+        shutil.rmtree(d)
+    self._manager.reload()
+
+  # -- restoring ---------------------------------------------------------------------------------
+
+  def _read(self, step: int, abstract: dict[str, Any] | None, items: tuple[str, ...]) -> dict:
     args = {}
     for name in items:
       if name in JSON_ITEMS:
@@ -62,6 +169,39 @@ class StageCheckpoints:
     out = dict(self._manager.restore(step, args=ocp.args.Composite(**args)))
     out['step'] = step
     return out
+
+  def restore(self, step: int | None = None, *, abstract: dict[str, Any] | None = None,
+              items: tuple[str, ...] | Callable[[int], tuple[str, ...]] = ('params', 'meta')
+              ) -> dict[str, Any]:
+    """Restores `items` of `step`, or of the latest usable step (falling back past damaged ones,
+    each named in a warning). `items` may be a function of the step. `abstract` maps 'params' /
+    'opt' to trees of jax.ShapeDtypeStruct (with shardings) to restore into."""
+    items_of = items if callable(items) else (lambda _: items)
+    for tmp in sorted(set(glob.glob(os.path.join(self.directory, f'*{TMP}*'))) - self._warned):
+      self._warned.add(tmp)
+      logging.warning('checkpoint %s was never completed (a save that did not finish): ignored', tmp)
+    steps = [step] if step is not None else list(reversed(self.all_steps()))
+    if not steps:
+      raise FileNotFoundError(f'no checkpoint in {self.directory}')
+    problems = []
+    for i, s in enumerate(steps):
+      wanted = tuple(items_of(s))
+      reason = self.check(s, wanted)
+      if reason is None:
+        try:
+          return self._read(s, abstract, wanted)
+        except ValueError as e:
+          if 'abstract tree' in str(e):
+            raise
+          reason = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
+        except Exception as e:  # pylint: disable=broad-except
+          reason = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
+      problems.append(f'step {s}: {reason}')
+      rest = steps[i + 1:]
+      logging.warning('checkpoint %s is unusable (%s): %s', self.step_dir(s), reason,
+                      f'trying step {rest[0]}' if rest else 'no earlier checkpoint')
+    raise NoValidCheckpoint(f'no usable checkpoint in {self.directory} ({"; ".join(problems)}): '
+                            'delete it to start that stage again')
 
   def read_meta(self, step: int | None = None) -> dict:
     return self.restore(step, items=('meta',))['meta']

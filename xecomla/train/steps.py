@@ -8,7 +8,8 @@ The train state is a plain dict {'step', 'params', 'opt_state'}; the optimiser s
 trainable parameters (`trainable`: all, or attention only). A step takes a batch of
 `accum` micro-batches, accumulates summed losses and gradients over them with lax.scan and
 normalises once by the total count (target tokens for kd, pairs for dpo), so accumulation equals
-one large batch. State is donated; shardings are explicit for every input and output.
+one large batch. A step whose loss or gradient norm is not finite leaves the state unchanged
+(metric `skipped` = 1). State is donated; shardings are explicit for every input and output.
 """
 
 from __future__ import annotations
@@ -178,12 +179,19 @@ def make_trainer(loss_fn: LossFn, tx: optax.GradientTransformation, *, model_con
     count = jnp.maximum(sums['count'], 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state['opt_state'], trainable_params)
-    new_params = merge(optax.apply_updates(trainable_params, updates), fixed)
+    new_params = optax.apply_updates(trainable_params, updates)
     metrics = {k: v / count for k, v in sums.items() if k not in ('count', 'tokens')}
     metrics['count'] = sums['count']
     if 'tokens' in sums:
       metrics['tokens'] = sums['tokens']
     metrics['grad_norm'] = optax.global_norm(grads)
+    # A non-finite loss or gradient is never applied: parameters and optimiser state stay as they
+    # were (the step counter still advances: it counts batches), and `skipped` says so.
+    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
+    keep = lambda new, old: jnp.where(finite, new, old)
+    new_params = merge(jax.tree.map(keep, new_params, trainable_params), fixed)
+    opt_state = jax.tree.map(keep, opt_state, state['opt_state'])
+    metrics['skipped'] = 1.0 - finite.astype(jnp.float32)
     return {'step': state['step'] + 1, 'params': new_params, 'opt_state': opt_state}, metrics
 
   return Trainer(
