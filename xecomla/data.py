@@ -140,7 +140,7 @@ def check_chat(path: str, field: str = 'data.train_path') -> int:
 def _check_messages(messages, where: str) -> None:
   for m in messages:
     if not isinstance(m, dict) or m.get('role') not in ROLES or not isinstance(m.get('content', ''), str):
-      raise UsageError(f'{where}: chat message {str(m)[:60]!r} needs a role in {sorted(ROLES)} '
+      raise UsageError(f'{where}: chat message {str(m)[:60]} needs a role in {sorted(ROLES)} '
                        'and a string content: fix or remove that line.')
 
 

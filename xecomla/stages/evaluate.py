@@ -43,7 +43,7 @@ def validate(config, workdir: str | None, teacher, stages: list[str]) -> None:
     except UnicodeDecodeError as e:
       raise UsageError(f'eval.mc_paths: {p} is not UTF-8 text: re-encode it as UTF-8.') from e
     except ValueError as e:  # JSON errors and malformed rows
-      raise UsageError(f'eval.mc_paths: {p}: {str(e).rstrip(".")}: fix or remove that line.') from e
+      raise UsageError(f'eval.mc_paths: {str(e).rstrip(".")}: fix or remove that line.') from e
     if not rows:
       raise UsageError(f'eval.mc_paths: {p} holds no question: give a JSONL file of questions.')
 

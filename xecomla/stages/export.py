@@ -90,8 +90,9 @@ def validate(config, workdir: str | None, teacher, stages: list[str]) -> None:
       raise UsageError(f'export directory {out} exists and is not empty: set export.out to a new '
                        'directory, or empty it.')
     if made_from != latest:
-      raise UsageError(f'{out} holds an export of {made_from}, but this run ends with the student '
-                       f'{latest}: delete that directory or set export.out to a new one.')
+      raise UsageError(f'{out} holds an export of {made_from}, but the latest student is '
+                       f'{latest} after this run: delete that directory or set export.out to a '
+                       'new one.')
 
 
 def run(config, workdir: str) -> dict[str, Any]:
