@@ -7,6 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
+from tests.conftest import EPS32, f32_bound, forward_ops, max_abs, within
 from xecomla import data, sharding
 from xecomla.convert.upcycle import InitOptions, upcycle
 from xecomla.models import transformer
@@ -34,6 +35,26 @@ def batch(b=8, t=32, seed=0):
           'segment_ids': seg}
 
 
+def step_bounds(cfg, params_before, params_after, metrics, tokens=8 * 32):
+  """Rounding bounds for one SGD step computed two ways (other mesh, accumulation, remat).
+
+  Loss: a float32 forward of the student and the teacher, then a sum over `tokens` targets.
+  Parameters: p - lr * g; g is a backward pass (about twice the forward's reductions) plus the
+  sum over tokens and devices; the update is bounded by the largest step taken, plus one
+  rounding of the parameter itself.
+  """
+  ops = forward_ops(cfg.llama, 32, max(cfg.r_kv) + max(cfg.r_q)) + tokens
+  loss = f32_bound(abs(float(metrics['loss'])), ops)
+  steps_taken = max(jax.tree.leaves(jax.tree.map(lambda a, b: max_abs(np.asarray(a) - np.asarray(b)),
+                                                 params_after, params_before)))
+  sizes = max(jax.tree.leaves(jax.tree.map(max_abs, params_after)))
+  return loss, f32_bound(steps_taken, 2 * ops) + EPS32 * sizes
+
+
+def param_diff(a, b):
+  return max(jax.tree.leaves(jax.tree.map(lambda x, y: max_abs(np.asarray(x) - np.asarray(y)), a, b)))
+
+
 def one_step(mesh_shape, setup, accum=1, b=None, trainable='all', tx=None):
   params, cfg, student = setup
   mesh = sharding.make_mesh(*mesh_shape)
@@ -56,11 +77,11 @@ def test_eight_devices_are_there():
 
 def test_one_distillation_step_is_the_same_on_every_mesh(setup):
   ref_params, ref_metrics, _ = one_step((8, 1, 1), setup)
+  loss_bound, param_bound = step_bounds(setup[1], setup[2], ref_params, ref_metrics)
   for shape in [(2, 4, 1), (2, 2, 2), (1, 1, 8)]:
     p, m, state = one_step(shape, setup)
-    assert abs(m['loss'] - ref_metrics['loss']) <= 1e-5, (shape, m['loss'], ref_metrics['loss'])
-    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), p, ref_params))
-    assert max(diffs) <= 1e-5, (shape, max(diffs))
+    within(abs(m['loss'] - ref_metrics['loss']), loss_bound)
+    within(param_diff(p, ref_params), param_bound)
   # The parameters really are sharded on the last mesh (tensor = 8 splits the 8 heads).
   q = state['params']['layers'][0]['attn']['uq']
   assert q.sharding.spec[1] == 'tensor'
@@ -69,8 +90,9 @@ def test_one_distillation_step_is_the_same_on_every_mesh(setup):
 def test_gradient_accumulation_equals_one_large_batch(setup):
   p1, m1, _ = one_step((8, 1, 1), setup, accum=1)
   p2, m2, _ = one_step((4, 1, 2), setup, accum=2)
-  assert abs(m1['loss'] - m2['loss']) <= 1e-5
-  assert max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), p1, p2))) <= 1e-5
+  loss_bound, param_bound = step_bounds(setup[1], setup[2], p1, m1)
+  within(abs(m1['loss'] - m2['loss']), loss_bound)
+  within(param_diff(p1, p2), param_bound)
 
 
 def test_attention_only_training_freezes_the_rest(setup):
@@ -102,7 +124,9 @@ def test_packed_rows_give_the_same_per_token_loss_as_documents_alone(setup):
       doc = b['tokens'][r, idx]
       alone = forward(state, jnp.asarray(np.pad(doc, (0, 16 - len(doc)))[None]))[:, :len(doc)]
       nll = -np.asarray(losses.token_log_probs(alone, jnp.asarray(np.append(doc[1:], 0)[None])))[0]
-      np.testing.assert_allclose(packed_nll[r, idx[:-1]], nll[:-1], atol=1e-5)
+      # The same float32 forward over 16 positions, other neighbours masked out (exact zeros).
+      within(np.abs(packed_nll[r, idx[:-1]] - nll[:-1]).max(),
+             2 * f32_bound(max_abs(logits), forward_ops(TEACHER, 16)))
       assert np.asarray(w)[r, idx[-1]] == 0  # the document's last token predicts nothing
       seen += 1
   assert seen > b['tokens'].shape[0]  # really packed several documents to a row
@@ -135,7 +159,16 @@ def test_hidden_state_distillation_of_an_exact_student_is_zero():
   trainer = steps.make_trainer(loss, optax.sgd(0.1), model_config=cfg, frozen_config=mqa,
                                mesh=sharding.make_mesh(8, 1, 1))
   _, m = trainer.step(trainer.init_state(student), params, batch())
-  assert abs(float(m['hidden'])) < 1e-9 and abs(float(m['loss'])) < 1e-6
+  # The student is exact up to float32 rounding: its residual streams are off by at most h_err
+  # (scale: the teacher's largest |h|), so the per-token mean squared difference is <= h_err^2;
+  # its logits by at most l_err, so the per-token KL, sum_v p_t (log p_t - log p_s), by 2 l_err.
+  logits, _, hidden = transformer.from_params(mqa, params)(jnp.asarray(batch()['tokens']),
+                                                           return_hidden=True)
+  ops = forward_ops(mqa, 32, 32)
+  h_err = f32_bound(max(max_abs(h) for h in hidden), ops)
+  l_err = f32_bound(max_abs(logits), ops + mqa.vocab_size)
+  within(abs(float(m['hidden'])), h_err ** 2)
+  within(abs(float(m['loss'])), 2 * l_err + h_err ** 2)
 
 
 def test_rematerialised_blocks_give_the_same_step(setup):
@@ -148,6 +181,7 @@ def test_rematerialised_blocks_give_the_same_step(setup):
                                  mesh=sharding.make_mesh(8, 1, 1))
     state, m = trainer.step(trainer.init_state(student), params, batch())
     results.append((jax.device_get(state['params']), float(m['loss'])))
-  assert abs(results[0][1] - results[1][1]) < 1e-6
-  assert max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()),
-                                          results[0][0], results[1][0]))) < 1e-6
+  # Rematerialisation recomputes the same products, possibly fused differently.
+  loss_bound, param_bound = step_bounds(cfg, student, results[0][0], {'loss': results[0][1]})
+  within(abs(results[0][1] - results[1][1]), loss_bound)
+  within(param_diff(results[0][0], results[1][0]), param_bound)
