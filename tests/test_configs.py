@@ -30,7 +30,8 @@ def test_official_llama_settings():
   from configs import dynamic, r_kv_64, r_kv_128
   c = r_kv_64.get_config()
   assert (c.mla.r_kv, c.mla.r_q, c.mla.d_qk, c.mla.d_r) == (64, 1424, 32, 32)
-  assert (64 + 32) / (2 * 8 * 64) == pytest.approx(0.094, abs=1e-3)
+  # The paper's "9.4%" is rounded to 0.1 percentage points: within half of that.
+  assert (64 + 32) / (2 * 8 * 64) == pytest.approx(0.094, abs=5e-4)
   assert r_kv_128.get_config().mla.r_kv == 128
   assert r_kv_64.get_config('teacher=8b').distill.teacher_path.endswith('Llama-3.1-8B-Instruct')
   assert r_kv_64.get_config('teacher=1b').distill.teacher_path == ''
