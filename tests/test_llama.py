@@ -1,4 +1,4 @@
-"""The Flax Llama computes what transformers' LlamaForCausalLM computes (fp32, <= 1e-5)."""
+"""The Flax Llama computes what transformers' LlamaForCausalLM computes (float32, to rounding)."""
 
 import os
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import f32_bound, forward_ops, max_abs, within
 from xecomla.convert import hf
 from xecomla.models import kvcache, transformer
 
@@ -37,8 +38,9 @@ def test_logits_match_transformers(hf_llama, n_kv_heads, tie, rope):
   model = transformer.from_params(config, params)
   tokens = tokens_batch()
   ours, _ = model(jnp.asarray(tokens))
-  diff = np.abs(np.asarray(ours) - torch_logits(ref, tokens)).max()
-  assert diff <= 1e-5, diff
+  theirs = torch_logits(ref, tokens)
+  # Two float32 implementations of the same sums (torch's and XLA's kernels).
+  within(np.abs(np.asarray(ours) - theirs).max(), f32_bound(max_abs(theirs), forward_ops(config, 40)))
 
 
 def test_head_dim_differs_from_hidden_over_heads(hf_llama):
@@ -47,7 +49,8 @@ def test_head_dim_differs_from_hidden_over_heads(hf_llama):
   assert config.head_dim == 16
   tokens = tokens_batch()
   ours, _ = transformer.from_params(config, params)(jnp.asarray(tokens))
-  assert np.abs(np.asarray(ours) - torch_logits(ref, tokens)).max() <= 1e-5
+  theirs = torch_logits(ref, tokens)
+  within(np.abs(np.asarray(ours) - theirs).max(), f32_bound(max_abs(theirs), forward_ops(config, 40)))
 
 
 @pytest.mark.parametrize('n_kv_heads,rope', [(2, None), (1, LLAMA3), (4, None)])
@@ -66,7 +69,7 @@ def test_decode_through_cache_equals_full_forward(hf_llama, n_kv_heads, rope):
     logits, cache = model(jnp.asarray(tokens[:, t:t + 1]), pos, None, cache)
     steps.append(np.asarray(logits))
   assert int(cache.index) == tokens.shape[1]
-  assert np.abs(np.concatenate(steps, axis=1) - full).max() <= 1e-5
+  within(np.abs(np.concatenate(steps, axis=1) - full).max(), f32_bound(max_abs(full), forward_ops(config, 48)))
 
 
 def test_bfloat16_compute_is_close_to_float32(hf_llama):
@@ -77,6 +80,9 @@ def test_bfloat16_compute_is_close_to_float32(hf_llama):
   bf16, _ = transformer.from_params(config, params, dtype=jnp.bfloat16)(tokens)
   assert bf16.dtype == jnp.float32  # logits are always returned in float32
   p32, p16 = jax.nn.softmax(f32), jax.nn.softmax(bf16)
+  # Not a rounding bound (bfloat16's worst case, eps 2^-7 times forward_ops, exceeds 1): a
+  # behavioural check that a probability moves by less than 0.02, as measured ~0.005; a missing
+  # cast or a float32-only path broken in bfloat16 moves them by O(0.1).
   assert float(jnp.abs(p32 - p16).max()) < 0.02
   assert float(jnp.mean(jnp.argmax(f32, -1) == jnp.argmax(bf16, -1))) > 0.9
 

@@ -13,13 +13,35 @@ import pytest
 import torch
 
 from tests.conftest import (GREEDY_IDS, STORIES_BIN, STORIES_TOK, VALID_NLL_200, VALID_TEXT,
-                            VALID_TOKENS_200, require_shared_data)
+                            VALID_TOKENS_200, EPS32, f64_bound, forward_ops,
+                            require_shared_data, within)
 from xecomla import eval as evaluation
 from xecomla import generate
 from xecomla.convert import hf
 from xecomla.convert.tokenizer import LlamaC2Tokenizer
 from xecomla.models import transformer
 from xecomla.tokenizer import Tokenizer
+
+
+def nll_bound(stories_dir):
+  """How far a mean NLL may sit from the README's 1.2832.
+
+  That figure is rounded to 4 decimals (5e-5). Each token's NLL is a float32 forward whose logits
+  are at most L = sqrt(dim) * max |final norm scale| * max ||embedding row|| (~112: tied head,
+  normed hidden state); over a 512-token context forward_ops is ~7700, so the worst case
+  (f32_bound) would be 0.2, useless as a check. A mean over 68490 tokens is a statistical
+  quantity, so the probabilistic bound of Higham & Mary (SIAM J. Sci. Comput. 2019) is used
+  instead: a length-n computation is within lambda * sqrt(n) * eps/2 (relative) with probability
+  >= 1 - 2 exp(-lambda^2 / 2) per operation; lambda = 6. Log-softmax moves by at most twice the
+  logits' error; the float32 sum of a batch's 16 * 513 token NLLs adds its own term.
+  """
+  config, params = hf.load_llama(stories_dir)
+  logit_max = (np.sqrt(config.dim) * np.abs(params['final_norm']['scale']).max() *
+               np.linalg.norm(params['embed']['embedding'], axis=1).max())
+  lam, u = 6.0, EPS32 / 2
+  forward = 2 * logit_max * lam * np.sqrt(forward_ops(config, config.max_seq_len)) * u
+  batch_sum = VALID_NLL_200 * lam * np.sqrt(16 * (config.max_seq_len + 1)) * u
+  return 5e-5 + forward + batch_sum
 
 
 @pytest.fixture(scope='module')
@@ -49,12 +71,12 @@ def test_transformers_greedy_decodes_the_documented_ids(stories_dir):
   assert out[0].tolist() == GREEDY_IDS
 
 
-def test_xecomla_heldout_nll(model_and_tok):
+def test_xecomla_heldout_nll(model_and_tok, stories_dir):
   config, model, tok = model_and_tok
   r = evaluation.evaluate_text(model, tok, VALID_TEXT, max_docs=200, bos_id=1,
                                max_len=config.max_seq_len)
   assert r['tokens'] == VALID_TOKENS_200 and r['docs'] == 200
-  assert abs(r['nll'] - VALID_NLL_200) <= 1e-3, r
+  within(abs(r['nll'] - VALID_NLL_200), nll_bound(stories_dir))
 
 
 def test_transformers_heldout_nll_by_the_same_definition(stories_dir):
@@ -72,7 +94,7 @@ def test_transformers_heldout_nll_by_the_same_definition(stories_dir):
       total -= logp.gather(1, torch.tensor(ids[1:])[:, None]).sum().item()
       count += len(ids) - 1
   assert count == VALID_TOKENS_200
-  assert abs(total / count - VALID_NLL_200) <= 1e-3
+  within(abs(total / count - VALID_NLL_200), nll_bound(stories_dir))
 
 
 def test_fast_tokenizer_equals_llama2c_encoding_on_heldout_text(stories_dir):
@@ -122,7 +144,9 @@ def test_llama2c_rows_permuted_to_rotate_half():
   q2 = (interleaved_to_rotate_half(w, n_heads) @ x).reshape(n_heads, d_h)
   a, b = q2[:, :d_h // 2], q2[:, d_h // 2:]
   rot = np.concatenate([a * np.cos(theta) - b * np.sin(theta), b * np.cos(theta) + a * np.sin(theta)], 1)
-  np.testing.assert_allclose(rot, np.concatenate([z.real, z.imag], 1), atol=1e-12)
+  # float64 throughout: products of length 16, a rotation; scale |w| |x|.
+  within(np.abs(rot - np.concatenate([z.real, z.imag], 1)).max(),
+         f64_bound(np.abs(w).sum(1).max() * np.abs(x).max(), 16 + 4))
 
 
 def run_cli(*args):
