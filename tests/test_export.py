@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 
+from tests.conftest import f32_bound, forward_ops, max_abs, within
 from xecomla import eval as evaluation
 from xecomla import generate
 from xecomla.convert import hf
@@ -42,7 +43,9 @@ def compare(cfg, params, directory, remote=True):
   with torch.no_grad():
     ref = model(torch.tensor(tokens)).logits.numpy()
   ours, _ = transformer.from_params(cfg, params)(jnp.asarray(tokens))
-  assert np.abs(ref - np.asarray(ours)).max() <= 1e-4
+  # Two float32 implementations (torch and XLA) of the same student, 128 positions.
+  latent = max(cfg.r_kv) + max(r or 0 for r in cfg.r_q)
+  within(np.abs(ref - np.asarray(ours)).max(), f32_bound(max_abs(ref), forward_ops(cfg.llama, 128, latent)))
   out = model.generate(torch.tensor([[1, 403, 407]]), max_new_tokens=24, do_sample=False)
   assert out[0, 3:].tolist() == generate.generate(transformer.from_params(cfg, params),
                                                   [[1, 403, 407]], 24)['tokens'][0]
@@ -140,7 +143,7 @@ def test_multiple_choice_equals_a_hand_computation_of_lm_eval_acc(stories_dir, t
       lls.append(sum(logp[i - 1, seq[i]].item() for i in range(len(seq) - n, len(seq))))
     acc += int(np.argmax(lls) == r['label'])
     acc_norm += int(np.argmax(np.array(lls) / [len(c) for c in r['choices']]) == r['label'])
-  assert ours['acc'] == pytest.approx(acc / 3) and ours['acc_norm'] == pytest.approx(acc_norm / 3)
+  assert ours['acc'] == acc / 3 and ours['acc_norm'] == acc_norm / 3  # counts over 3: the same division
   assert ours['n'] == 3
   assert ours['acc'] != ours['acc_norm']  # the fixture separates the two metrics
 
