@@ -68,6 +68,20 @@ class Progress:
     sys.stderr.flush()
 
 
+def _summary_writer():
+  """tensorboardX's SummaryWriter. tensorboardX imports torch if it can (3 s on 2 cores), only to
+  recognise torch tensors, which are never logged here: import it with torch hidden."""
+  hide = 'torch' not in sys.modules
+  if hide:
+    sys.modules['torch'] = None  # makes `import torch` raise ImportError
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if hide:
+      del sys.modules['torch']
+  return SummaryWriter
+
+
 class MetricsLog:
   """metrics.jsonl (rewritten up to the resumed step, so a resumed run has no duplicates) and
   TensorBoard scalars."""
@@ -86,8 +100,7 @@ class MetricsLog:
     fileio.atomic_write_text(self.path, ''.join(kept))
     self._tb = None
     try:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(stage_dir, 'tb'))
+      self._tb = _summary_writer()(os.path.join(stage_dir, 'tb'))
     except ImportError:  # TensorBoard logging is optional
       logging.warning('tensorboardX is not installed: no TensorBoard logs')
 
@@ -104,20 +117,21 @@ class MetricsLog:
 
 
 
-def _resume(name: str, checkpoints: ckpt.StageCheckpoints, trainer: Trainer, model_config,
+def _resume(name: str, checkpoints: ckpt.StageCheckpoints, trainer: Trainer,
             abstract_params, steps: int) -> dict[str, Any] | None:
   """The latest usable checkpoint (items for resuming, or only params and meta when finished), or
   None; damaged checkpoints newer than it are deleted, so that their steps can be saved again."""
   if not checkpoints.all_steps():
     return None
-  abstract_state = jax.eval_shape(trainer.init_state, transformer.abstract_params(model_config))
+  abstract_state = jax.eval_shape(trainer.init_state, abstract_params)
   abstract_opt = ckpt.abstract_like({'step': abstract_state['step'],
                                      'opt_state': abstract_state['opt_state']},
                                     {'step': trainer.state_shardings['step'],
                                      'opt_state': trainer.state_shardings['opt_state']})
   try:
     restored = checkpoints.restore(
-        abstract={'params': abstract_params, 'opt': abstract_opt},
+        abstract={'params': ckpt.abstract_like(abstract_params, trainer.param_shardings),
+                  'opt': abstract_opt},
         items=lambda s: ('params', 'opt', 'data', 'meta') if s < steps else ('params', 'meta'))
   except ckpt.NoValidCheckpoint:
     logging.warning('%s: no usable checkpoint in %s: starting the stage from its input', name,
@@ -149,10 +163,10 @@ def run(*, name: str, stage_dir: str, trainer: Trainer, model_config, params: An
   """Trains `params` for spec.steps steps (or resumes); returns (final params, summary)."""
   os.makedirs(stage_dir, exist_ok=True)
   checkpoints = ckpt.StageCheckpoints(os.path.join(stage_dir, 'ckpt'), keep=spec.keep)
-  abstract_params = ckpt.abstract_like(transformer.abstract_params(model_config),
-                                       trainer.param_shardings)
+  abstract_params = (trainer.abstract_params if trainer.abstract_params is not None
+                     else transformer.abstract_params(model_config))
   iterator: Iterator = iter(dataset)
-  restored = _resume(name, checkpoints, trainer, model_config, abstract_params, spec.steps)
+  restored = _resume(name, checkpoints, trainer, abstract_params, spec.steps)
   if restored is not None and restored['step'] >= spec.steps:
     logging.info('%s: already finished (step %d)', name, restored['step'])
     checkpoints.close()

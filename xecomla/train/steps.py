@@ -126,6 +126,7 @@ class Trainer:
   batch_sharding: NamedSharding
   tx: optax.GradientTransformation
   mesh: jax.sharding.Mesh
+  abstract_params: Any = None   # ShapeDtypeStructs of the trained model's parameters
 
 
 def state_shardings_for(tx, params_abstract, param_shardings, predicate, mesh):
@@ -199,4 +200,4 @@ def make_trainer(loss_fn: LossFn, tx: optax.GradientTransformation, *, model_con
                    donate_argnums=(0,)),
       init_state=jax.jit(init_state, in_shardings=(param_sh,), out_shardings=state_sh),
       state_shardings=state_sh, param_shardings=param_sh, frozen_shardings=frozen_sh,
-      batch_sharding=batch_sh, tx=tx, mesh=mesh)
+      batch_sharding=batch_sh, tx=tx, mesh=mesh, abstract_params=abstract)
