@@ -31,6 +31,7 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 from xecomla import faults, fileio
 
@@ -168,11 +169,18 @@ class StageCheckpoints:
         fileio.atomic_write_json(os.path.join(d, MANIFEST), manifest_of(d))
     return saved
 
-  def discard(self, step: int) -> None:
-    """Deletes a (damaged) step and any unfinished save of it, so that it can be written again."""
-    for d in [self.step_dir(step)] + glob.glob(os.path.join(self.directory, f'{step}{TMP}*')):
-      if os.path.isdir(d):
-        shutil.rmtree(d)
+  def discard(self, step: int | None = None) -> None:
+    """Deletes a (damaged) step and any unfinished save of it, so that it can be written again;
+    with no step, every unfinished save. Only the first process deletes; all wait for it."""
+    pattern = f'*{TMP}*' if step is None else f'{step}{TMP}*'
+    dirs = glob.glob(os.path.join(self.directory, pattern))
+    if step is not None:
+      dirs.append(self.step_dir(step))
+    if jax.process_index() == 0:
+      for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'xecomla_discard_{step}')
     self._manager.reload()
 
   # -- restoring ---------------------------------------------------------------------------------

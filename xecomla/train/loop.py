@@ -109,12 +109,12 @@ class MetricsLog:
       f.write(json.dumps({'step': step, **values}) + '\n')
     if self._tb is not None:
       for k, v in values.items():
-        self._tb.add_scalar(k, v, step)
+        if np.isfinite(v):  # a skipped step's NaN loss stays in metrics.jsonl only
+          self._tb.add_scalar(k, v, step)
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
-
 
 
 def _resume(name: str, checkpoints: ckpt.StageCheckpoints, trainer: Trainer,
@@ -122,6 +122,7 @@ def _resume(name: str, checkpoints: ckpt.StageCheckpoints, trainer: Trainer,
   """The latest usable checkpoint (items for resuming, or only params and meta when finished), or
   None; damaged checkpoints newer than it are deleted, so that their steps can be saved again."""
   if not checkpoints.all_steps():
+    checkpoints.discard()  # saves that never finished
     return None
   abstract_state = jax.eval_shape(trainer.init_state, abstract_params)
   abstract_opt = ckpt.abstract_like({'step': abstract_state['step'],
@@ -141,6 +142,7 @@ def _resume(name: str, checkpoints: ckpt.StageCheckpoints, trainer: Trainer,
     if restored is None or s > restored['step']:
       logging.warning('%s: deleting unusable checkpoint %s', name, checkpoints.step_dir(s))
       checkpoints.discard(s)
+  checkpoints.discard()  # saves that never finished
   return restored
 
 
