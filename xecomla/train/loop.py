@@ -217,9 +217,10 @@ def run(*, name: str, stage_dir: str, trainer: Trainer, model_config, params: An
     progress.update(done, shown + speed)
 
   def diverged() -> NonFiniteLoss:
+    message = _nonfinite_message(guard.streak, meta, checkpoints)  # waits for a save in flight
     checkpoints.close()
     log.close()
-    return NonFiniteLoss(_nonfinite_message(guard.streak, meta, checkpoints))
+    return NonFiniteLoss(message)
 
   with faults.Preemption() as preemption:
     for step in range(start, spec.steps):
