@@ -24,8 +24,14 @@ from xecomla.cli import EXIT_DIVERGED, EXIT_PREEMPTED
 
 SMALL = ['--config=configs/stories260k.py', '--config.train.seq_len=64',
          '--config.train.batch_size=8', '--config.train.log_every=1', '--config.eval.max_docs=20']
-DISTILL = ['--config.stages=init,distill', '--config.train.steps=6', '--config.train.ckpt_every=2',
-           '--config.train.keep=3']
+
+
+def distill(steps=6, ckpt_every=2, keep=3, *more):
+  return ['--config.stages=init,distill', f'--config.train.steps={steps}',
+          f'--config.train.ckpt_every={ckpt_every}', f'--config.train.keep={keep}', *more]
+
+
+DISTILL = distill()
 PREEMPTED = 'preempted at step {}; rerun the same command to resume'
 
 
@@ -77,19 +83,35 @@ def metrics_of(workdir, stage='distill'):
 
 @pytest.fixture(scope='module')
 def reference(init_dir, env, tmp_path_factory):
-  """An uninterrupted distillation: its parameters and logged (step, loss)."""
+  """An uninterrupted distillation, checkpointed at every step: its directory, final parameters
+  and logged (step, loss)."""
   d = copy(init_dir, tmp_path_factory.mktemp('ref'))
-  r = main(env, d, *DISTILL)
+  r = main(env, d, *distill(ckpt_every=1, keep=6))
   assert r.returncode == 0, r.stderr[-3000:]
   assert [s for s, _ in metrics_of(d)] == [1, 2, 3, 4, 5, 6]
   return d, params_of(d), metrics_of(d)
 
 
+def assert_same_params(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
 def assert_same_as_reference(d, reference):
   _, params, metrics = reference
-  for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(params_of(d))):
-    np.testing.assert_array_equal(x, y)
+  assert_same_params(params, params_of(d))
   assert metrics_of(d) == metrics  # every step once, the same losses
+
+
+def assert_latest_matches_reference(d, reference):
+  """The checkpoint a rerun would resume from holds the uninterrupted run's state at its step."""
+  cks = wd.checkpoints(d, 'distill')
+  step = cks.latest_valid_step(('params', 'opt', 'data', 'meta'))
+  cks.close()
+  if step is not None:
+    assert_same_params(wd.load_student_from(reference[0], 'distill', step)[1],
+                       wd.load_student_from(d, 'distill', step)[1])
+  return step
 
 
 def test_sigterm_during_distillation_checkpoints_exits_75_and_resumes(init_dir, env, reference,
@@ -102,6 +124,7 @@ def test_sigterm_during_distillation_checkpoints_exits_75_and_resumes(init_dir, 
   cks = wd.checkpoints(d, 'distill')
   assert cks.latest_step() == 3 and cks.check(3, ('params', 'opt', 'data', 'meta')) is None
   cks.close()
+  assert assert_latest_matches_reference(d, reference) == 3
   r = main(env, d, *DISTILL)
   assert r.returncode == 0, r.stderr[-3000:]
   assert 'resuming from step 3' in r.stderr
@@ -120,19 +143,20 @@ def test_sigterm_during_dpo_checkpoints_and_exits_75(init_dir, env, tmp_path):
   cks.close()
 
 
-@pytest.mark.parametrize('fault', ['sigkill:inside_step:3', 'sigkill:during_save:4',
-                                   'sigkill:after_step:5'])
-def test_sigkill_at_any_moment_resumes_bit_identical(init_dir, env, reference, tmp_path, fault):
+def test_sigkill_at_any_moment_resumes_bit_identical(init_dir, env, reference, tmp_path):
+  """Killed inside a step, while a checkpoint is written, after a step; each rerun resumes from
+  the last complete checkpoint (the uninterrupted run's state at that step, bit for bit) and the
+  last one ends bit-identical, with every step logged once."""
   d = copy(init_dir, tmp_path)
-  r = main(env, d, *DISTILL, fault=fault)
-  assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
-  if 'during_save' in fault:  # all of step 4 written, not committed: an orbax tmp directory
-    names = os.listdir(os.path.join(d, 'distill', 'ckpt'))
-    assert '2' in names and '4' not in names and any(n.startswith('4.') for n in names), names
+  for fault in ('sigkill:inside_step:3', 'sigkill:during_save:4', 'sigkill:after_step:5'):
+    r = main(env, d, *DISTILL, fault=fault)
+    assert r.returncode == -signal.SIGKILL, (fault, r.stderr[-3000:])
+    step = assert_latest_matches_reference(d, reference)
+    if 'during_save' in fault:  # all of step 4 written, not committed: an orbax tmp directory
+      names = os.listdir(os.path.join(d, 'distill', 'ckpt'))
+      assert step == 2 and '4' not in names and any(n.startswith('4.') for n in names), names
   r = main(env, d, *DISTILL)
   assert r.returncode == 0, r.stderr[-3000:]
-  if 'during_save' in fault:
-    assert 'was never completed' in r.stderr and 'resuming from step 2' in r.stderr
   assert_same_as_reference(d, reference)
 
 
@@ -143,14 +167,14 @@ def test_damaged_latest_checkpoints_fall_back_with_a_warning(reference, env, tmp
   biggest = max(os.listdir(data_dir), key=lambda n: os.path.getsize(os.path.join(data_dir, n)))
   with open(os.path.join(data_dir, biggest), 'r+b') as f:
     f.truncate(100)  # step 6: a file cut short
-  shutil.rmtree(os.path.join(ck, '4', 'opt'))  # step 4: an item missing
+  shutil.rmtree(os.path.join(ck, '5', 'opt'))  # step 5: an item missing
   r = main(env, d, *DISTILL)
   assert r.returncode == 0, r.stderr[-3000:]
   warnings = [l for l in r.stderr.splitlines() if ' is unusable (' in l]
   assert len(warnings) == 2, r.stderr[-3000:]
   assert f'ckpt/6 is unusable (params/ocdbt.process_0/d/{biggest} is 100 bytes' in warnings[0]
-  assert "ckpt/4 is unusable (item 'opt' is missing): trying step 2" in warnings[1]
-  assert 'resuming from step 2' in r.stderr and 'Traceback' not in r.stderr
+  assert "ckpt/5 is unusable (item 'opt' is missing): trying step 4" in warnings[1]
+  assert 'resuming from step 4' in r.stderr and 'Traceback' not in r.stderr
   assert_same_as_reference(d, reference)
 
 
@@ -165,14 +189,14 @@ def test_non_finite_loss_exits_3_and_keeps_the_last_good_checkpoint(reference, e
   d = copy(reference[0], tmp_path)
   before = ckpt.manifest_of(os.path.join(d, 'distill', 'ckpt', '6'))
   # resumes from step 6 of 10: step 7 explodes the parameters, 8-10 are not finite
-  r = main(env, d, *DISTILL, '--config.train.steps=10', '--config.train.lr=1e12')
+  r = main(env, d, *distill(10, 2, 3, '--config.train.lr=1e12'))
   assert r.returncode == EXIT_DIVERGED, r.stderr[-3000:]
   assert last_line(r) == ('non-finite loss at steps 8-10 (3 in a row): the learning rate '
                           '(train.lr=1e+12) is likely too high, or the data holds a bad batch; '
                           'the last good checkpoint is step 6')
   assert 'Traceback' not in r.stderr
   cks = wd.checkpoints(d, 'distill')
-  assert cks.latest_step() == 6 and cks.all_steps() == [2, 4, 6]
+  assert cks.latest_step() == 6 and cks.all_steps() == [1, 2, 3, 4, 5, 6]
   cks.close()
   assert ckpt.manifest_of(os.path.join(d, 'distill', 'ckpt', '6')) == before
   logged = [json.loads(l) for l in open(os.path.join(d, 'distill', 'metrics.jsonl'))]
