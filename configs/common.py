@@ -94,6 +94,7 @@ def base_config() -> config_dict.ConfigDict:
   c.train.ckpt_every = 200
   c.train.keep = 2
   c.train.stop_after = 0          # end the run at this step, checkpointed (resume later); 0 = never
+  c.train.max_nonfinite = 3       # stop (exit 3) after this many non-finite steps in a row (never applied)
 
   c.distill = config_dict.ConfigDict()
   c.distill.teacher_path = ''    # a larger KD teacher (HF Llama dir); '' = teacher.path

@@ -22,7 +22,6 @@ Orphaned orbax tmp directories (a save that never finished) are ignored, with a 
 from __future__ import annotations
 
 import glob
-import json
 import os
 import shutil
 import sys

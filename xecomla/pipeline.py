@@ -32,7 +32,8 @@ def validate(config, stages: list[str], workdir: str | None = None) -> None:
   text file, JSONL rows, the work directory's config.json and checkpoint metadata): one clear error
   per problem. With `workdir`, also that resuming it is consistent with this config."""
   wd.compute_dtype(config)
-  for name in ('steps', 'batch_size', 'seq_len', 'accum', 'log_every', 'ckpt_every', 'keep'):
+  for name in ('steps', 'batch_size', 'seq_len', 'accum', 'log_every', 'ckpt_every', 'keep',
+               'max_nonfinite'):
     if config.train[name] < 1:
       raise UsageError(f'train.{name}={config.train[name]} must be at least 1: raise it.')
   if config.train.lr <= 0:

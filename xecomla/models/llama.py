@@ -7,7 +7,6 @@ import json
 import math
 
 import chex
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

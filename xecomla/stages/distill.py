@@ -118,7 +118,8 @@ def run(config, workdir: str) -> dict[str, Any]:
         batch_rows=config.eval.batch_rows)
   spec = loop.LoopSpec(steps=t.steps, log_every=t.log_every, eval_every=t.eval_every,
                        ckpt_every=t.ckpt_every, keep=t.keep,
-                       tokens_per_step=t.batch_size * t.seq_len, stop_after=t.stop_after)
+                       tokens_per_step=t.batch_size * t.seq_len, stop_after=t.stop_after,
+                       max_nonfinite=t.max_nonfinite)
   meta = {'stage': 'distill', 'model': student_cfg.to_dict(), 'teacher': kd_dir,
           'config': json.loads(config.to_json_best_effort())}
   _, summary = loop.run(name='distill', stage_dir=wd.stage_dir(workdir, 'distill'), trainer=trainer,

@@ -8,7 +8,6 @@ import json
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -110,7 +109,8 @@ def run(config, workdir: str) -> dict[str, Any]:
                               d.beta) if d.eval_pairs else None
   before = evaluate(params) if evaluate else {}
   spec = loop.LoopSpec(steps=d.steps, log_every=t.log_every, eval_every=t.eval_every or d.steps,
-                       ckpt_every=t.ckpt_every, keep=t.keep, stop_after=t.stop_after)
+                       ckpt_every=t.ckpt_every, keep=t.keep, stop_after=t.stop_after,
+                       max_nonfinite=t.max_nonfinite)
   meta = {'stage': 'dpo', 'model': student_cfg.to_dict(), 'reference': stage,
           'config': json.loads(config.to_json_best_effort())}
   final, summary = loop.run(name='dpo', stage_dir=wd.stage_dir(workdir, 'dpo'), trainer=trainer,

@@ -10,7 +10,6 @@ Prints the text, then tokens/s of prefill and decode (the first call includes co
 
 import json
 import os
-import time
 
 from absl import app, flags
 
