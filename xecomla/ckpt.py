@@ -205,7 +205,8 @@ class StageCheckpoints:
     items_of = items if callable(items) else (lambda _: items)
     for tmp in sorted(set(glob.glob(os.path.join(self.directory, f'*{TMP}*'))) - self._warned):
       self._warned.add(tmp)
-      logging.warning('checkpoint %s was never completed (a save that did not finish): ignored', tmp)
+      logging.warning('checkpoint %s was never completed (a save that did not finish): ignored',
+                      tmp)
     steps = [step] if step is not None else list(reversed(self.all_steps()))
     if not steps:
       raise FileNotFoundError(f'no checkpoint in {self.directory}')

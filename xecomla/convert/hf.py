@@ -13,85 +13,12 @@ from typing import Any, Callable
 
 import numpy as np
 
+from xecomla.convert.hf_config import llama_config_json, read_llama_config, refuse
 from xecomla.convert.safetensors_io import (CheckpointError, read_headers, read_tensors,
                                             write_tensors)
 from xecomla.models.config import LlamaConfig
 
 Params = dict[str, Any]
-
-
-LLAMA_FIX = 'give a Hugging Face Llama (model_type llama) without it'
-ROPE_TYPES = ('default', 'llama3')
-
-
-def _refuse(path: str, what: str) -> None:
-  raise CheckpointError(f'{path}: {what} is not supported by the conversion: {LLAMA_FIX}.')
-
-
-def unsupported_features(hf: dict[str, Any]) -> list[str]:
-  """The features of a config.json that the Llama conversion cannot carry over, by name."""
-  out = [f'{k}=true' for k in ('attention_bias', 'mlp_bias') if hf.get(k)]
-  out += [f'QK-norm ({k}=true)' for k in ('qk_norm', 'use_qk_norm', 'qk_layernorm') if hf.get(k)]
-  window = hf.get('sliding_window')
-  if hf.get('use_sliding_window') or (window and hf.get('use_sliding_window') is not False):
-    out.append(f'sliding-window attention (sliding_window={window})')
-  layer_types = set(hf.get('layer_types') or ()) - {'full_attention'}
-  if layer_types:
-    out.append(f'layer_types {sorted(layer_types)}')
-  if hf.get('hidden_act', 'silu') != 'silu':
-    out.append(f"hidden_act {hf['hidden_act']!r} (silu only)")
-  return out
-
-
-def read_llama_config(directory: str) -> LlamaConfig:
-  """Parses a Hugging Face Llama config.json (transformers 5 `rope_parameters`, or the older
-  `rope_theta` / `rope_scaling` fields); refuses what the conversion cannot carry over."""
-  path = os.path.join(directory, 'config.json')
-  if not os.path.isdir(directory):
-    raise CheckpointError(f'teacher directory {directory} does not exist: set teacher.path to a '
-                          'Hugging Face Llama directory (or a llama2.c .bin file).')
-  if not os.path.exists(path):
-    raise CheckpointError(f'{path} is missing: not a Hugging Face model directory.')
-  try:
-    with open(path) as f:
-      hf = json.load(f)
-  except (ValueError, OSError) as e:
-    raise CheckpointError(f'{path} is not valid JSON ({e}): re-save the model.') from e
-  if not isinstance(hf, dict):
-    raise CheckpointError(f'{path} is not a JSON object: re-save the model.')
-  if hf.get('model_type') != 'llama':
-    raise CheckpointError(f"{path}: model_type {hf.get('model_type')!r} is not supported: "
-                          "xecomla converts Llama checkpoints (model_type 'llama') only.")
-  rope = dict(hf.get('rope_parameters') or {})
-  legacy = hf.get('rope_scaling') or {}
-  theta = rope.pop('rope_theta', hf.get('rope_theta', 10000.0))
-  if legacy and not rope:
-    rope = dict(legacy)
-    rope.setdefault('rope_type', rope.pop('type', 'default'))
-  rope_type = rope.get('rope_type', 'default')
-  if rope_type not in ROPE_TYPES:
-    raise CheckpointError(f'{path}: rope_type {rope_type!r} is not supported by the conversion '
-                          f'(only {", ".join(ROPE_TYPES)}): {LLAMA_FIX}.')
-  for what in unsupported_features(hf):
-    _refuse(path, what)
-  try:
-    scaling = None
-    if rope_type == 'llama3':
-      scaling = {'rope_type': 'llama3', **{k: rope[k] for k in (
-          'factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings')}}
-    n_heads = hf['num_attention_heads']
-    eos = hf.get('eos_token_id')
-    return LlamaConfig(
-        vocab_size=hf['vocab_size'], dim=hf['hidden_size'], n_layers=hf['num_hidden_layers'],
-        n_heads=n_heads, n_kv_heads=hf.get('num_key_value_heads') or n_heads,
-        head_dim=hf.get('head_dim') or hf['hidden_size'] // n_heads,
-        hidden_dim=hf['intermediate_size'], norm_eps=hf.get('rms_norm_eps', 1e-6),
-        rope_theta=float(theta), rope_scaling=scaling,
-        max_seq_len=hf.get('max_position_embeddings', 2048),
-        tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
-        bos_id=hf.get('bos_token_id'), eos_id=eos[0] if isinstance(eos, list) else eos)
-  except KeyError as e:
-    raise CheckpointError(f'{path} lacks the field {e.args[0]!r}: re-save the model.') from e
 
 
 def check_llama_dir(directory: str) -> LlamaConfig:
@@ -102,9 +29,9 @@ def check_llama_dir(directory: str) -> LlamaConfig:
   path = os.path.join(directory, 'config.json')
   for name in headers:
     if '.self_attn.' in name and ('q_norm' in name or 'k_norm' in name):
-      _refuse(path, f'QK-norm (tensor {name})')
+      refuse(path, f'QK-norm (tensor {name})')
     if '.self_attn.' in name and name.endswith('.bias'):
-      _refuse(path, f'attention bias (tensor {name})')
+      refuse(path, f'attention bias (tensor {name})')
   shapes = expected_hf_shapes(config)
   for hf_name, _, _, _ in name_map(config):
     if hf_name not in headers:
@@ -116,23 +43,6 @@ def check_llama_dir(directory: str) -> LlamaConfig:
                             f'implies {shapes[hf_name]}: the weights and config.json disagree; '
                             're-download or re-save the checkpoint.')
   return config
-
-
-def llama_config_json(c: LlamaConfig, dtype: str = 'float32') -> dict[str, Any]:
-  """A transformers-5 config.json for a Llama with these settings."""
-  rope = {'rope_type': 'default', 'rope_theta': c.rope_theta}
-  if c.rope_scaling:
-    rope.update(c.rope_scaling_dict)
-  return {
-      'architectures': ['LlamaForCausalLM'], 'model_type': 'llama',
-      'vocab_size': c.vocab_size, 'hidden_size': c.dim, 'intermediate_size': c.hidden_dim,
-      'num_hidden_layers': c.n_layers, 'num_attention_heads': c.n_heads,
-      'num_key_value_heads': c.n_kv_heads, 'head_dim': c.head_dim, 'hidden_act': 'silu',
-      'max_position_embeddings': c.max_seq_len, 'rms_norm_eps': c.norm_eps,
-      'rope_parameters': rope, 'tie_word_embeddings': c.tie_embeddings,
-      'attention_bias': False, 'mlp_bias': False, 'attention_dropout': 0.0,
-      'bos_token_id': c.bos_id, 'eos_token_id': c.eos_id, 'dtype': dtype, 'use_cache': True,
-  }
 
 
 # ----------------------------------------------------------------------------------------------

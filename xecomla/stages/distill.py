@@ -11,7 +11,7 @@ import json
 import os
 from typing import Any
 
-from xecomla import data, eval as evaluation, sharding, workdir as wd
+from xecomla import data, data_checks, eval as evaluation, sharding, workdir as wd
 from xecomla.cli import UsageError
 from xecomla.convert import hf
 from xecomla.models import transformer
@@ -71,9 +71,9 @@ def validate(config, workdir: str | None, teacher, stages: list[str]) -> None:
                      'change one of them.')
   sharding.check_batch(t.batch_size // t.accum, mesh_of(config), 'train.batch_size / train.accum')
   if config.data.format == 'text':
-    data.check_text(config.data.train_path, 'data.train_path')
+    data_checks.check_text(config.data.train_path, 'data.train_path')
   elif config.data.format == 'chat':
-    data.check_chat(config.data.train_path)
+    data_checks.check_chat(config.data.train_path)
   else:
     raise UsageError(f"data.format={config.data.format!r} is not known: use 'text' or 'chat'.")
 

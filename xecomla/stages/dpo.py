@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from xecomla import data, sharding, workdir as wd
+from xecomla import data, data_checks, sharding, workdir as wd
 from xecomla.cli import UsageError
 from xecomla.models import transformer
 from xecomla.stages.distill import mesh_of, optimizer
@@ -72,7 +72,7 @@ def validate(config, workdir: str | None, teacher, stages: list[str]) -> None:
   if d.max_len > teacher.max_seq_len + 1:
     raise UsageError(f'dpo.max_len={d.max_len} exceeds the model\'s maximum length '
                      f'{teacher.max_seq_len}: lower it.')
-  pairs = data.check_preferences(d.path)
+  pairs = data_checks.check_preferences(d.path)
   if pairs <= d.eval_pairs + d.batch_size:
     raise UsageError(f'{d.path} has {pairs} pairs: too few for dpo.eval_pairs={d.eval_pairs} '
                      f'held out plus a batch of {d.batch_size}; lower them or add pairs.')

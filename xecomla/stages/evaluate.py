@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from xecomla import eval as evaluation
-from xecomla import data, fileio, generate, workdir as wd
+from xecomla import data_checks, fileio, generate, workdir as wd
 from xecomla.cli import UsageError
 from xecomla.models import kvcache, transformer
 from xecomla.models.config import LlamaConfig
@@ -36,7 +36,7 @@ def validate(config, workdir: str | None, teacher, stages: list[str]) -> None:
   """Every evaluation file exists and is usable: text with at least one document, well-formed
   multiple-choice rows (file and line named)."""
   for i, p in enumerate(text_paths(config)):
-    data.check_text(p, 'eval.path' if p == config.eval.path else 'eval.extra_paths')
+    data_checks.check_text(p, 'eval.path' if p == config.eval.path else 'eval.extra_paths')
   for p in mc_paths(config):
     try:
       rows = evaluation.read_mc(p)

@@ -9,7 +9,7 @@ from typing import Any
 
 from absl import logging
 
-from xecomla import fileio, workdir as wd
+from xecomla import data_checks, fileio, workdir as wd
 from xecomla.cli import UsageError
 from xecomla.convert import calib, upcycle
 from xecomla.tokenizer import Tokenizer
@@ -77,9 +77,8 @@ def validate(config, workdir: str | None, llama, stages: list[str]) -> None:
   if workdir:
     wd.check_resume(config, workdir, dataclasses.asdict(opts))
   if config.mla.init == 'activation' and 'init' in stages:
-    from xecomla import data
-    data.check_text(config.mla.calib_path or config.data.train_path,
-                    'mla.calib_path' if config.mla.calib_path else 'data.train_path')
+    data_checks.check_text(config.mla.calib_path or config.data.train_path,
+                           'mla.calib_path' if config.mla.calib_path else 'data.train_path')
 
 
 def run(config, workdir: str) -> dict[str, Any]:
