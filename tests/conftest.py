@@ -6,9 +6,6 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
-import json  # noqa: E402
-import shutil  # noqa: E402
-
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -105,6 +102,35 @@ def stories_dir(tmp_path_factory):
   out = str(tmp_path_factory.mktemp('stories') / 'hf')
   llama2c.convert(STORIES_BIN, STORIES_TOK, out)
   return out
+
+
+def small_config(**train):
+  """configs/stories260k.py with small shapes for pipeline tests (rows of 64, batches of 8)."""
+  from configs import stories260k
+  c = stories260k.get_config()
+  c.train.seq_len = 64
+  c.train.batch_size = 8
+  c.train.log_every = 2
+  c.train.ckpt_every = 2
+  c.eval.max_docs = 20
+  c.eval.extra_paths = ''
+  c.eval.sample_tokens = 8
+  for k, v in train.items():
+    c.train[k] = v
+  return c
+
+
+@pytest.fixture(scope='session')
+def init_dir(tmp_path_factory):
+  """A work directory after a real `init` of small_config() (r_kv 6 + d_r 4), made once per
+  session; tests read it or copy it, never write into it."""
+  require_shared_data()
+  from xecomla import pipeline
+  d = str(tmp_path_factory.mktemp('init') / 'w')
+  c = small_config()
+  c.stages = 'init'
+  pipeline.run(c, d)
+  return d
 
 
 def make_hf_llama(directory, *, n_kv_heads=2, tie=False, rope_scaling=None, head_dim=8,

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from tests.conftest import STORIES_BIN, make_hf_llama, require_shared_data
-from tests.test_pipeline import small_config
+from tests.conftest import STORIES_BIN, make_hf_llama, require_shared_data, small_config
 from xecomla import pipeline
 from xecomla.cli import fail_cleanly
 
@@ -49,17 +48,6 @@ def refuse(capsys, fn, workdir):
   assert last.startswith('error: ') and ': ' in last[len('error: '):], last
   assert snapshot(workdir) == before
   return last
-
-
-@pytest.fixture(scope='module')
-def init_dir(tmp_path_factory):
-  """A work directory after a real `init` (r_kv 6 + d_r 4), made once; tests copy it."""
-  require_shared_data()
-  d = str(tmp_path_factory.mktemp('bad') / 'w')
-  c = small_config()
-  c.stages = 'init'
-  pipeline.run(c, d)
-  return d
 
 
 @pytest.fixture(scope='module')

@@ -10,34 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from configs import stories260k
-from tests.conftest import require_shared_data
+from tests.conftest import require_shared_data, small_config
 from xecomla import pipeline, workdir as wd
-
-
-def small_config(**train):
-  c = stories260k.get_config()
-  c.train.seq_len = 64
-  c.train.batch_size = 8
-  c.train.log_every = 2
-  c.train.ckpt_every = 2
-  c.eval.max_docs = 20
-  c.eval.extra_paths = ''
-  c.eval.sample_tokens = 8
-  for k, v in train.items():
-    c.train[k] = v
-  return c
-
-
-@pytest.fixture(scope='module')
-def init_dir(tmp_path_factory):
-  """A work directory after `init` (shared; tests copy it)."""
-  require_shared_data()
-  d = str(tmp_path_factory.mktemp('pipe') / 'w')
-  c = small_config()
-  c.stages = 'init'
-  pipeline.run(c, d)
-  return d
 
 
 def copy(init_dir, tmp_path, name='w'):

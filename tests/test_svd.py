@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tests.conftest import EPS64, f32_bound, f64_bound, max_abs, within
+from tests.conftest import f32_bound, f64_bound, within
 from xecomla.convert import rope_dims, svd
 from xecomla.convert.upcycle import InitOptions, upcycle
 from xecomla.models import transformer

@@ -136,7 +136,6 @@ def upcycle(llama: LlamaConfig, params: dict, opts: InitOptions, *, whiteners: l
 
 
 def _factor_layer(x, r_kv, r_q, d_qk, n_h, d_h, sigma) -> dict[str, np.ndarray]:
-  d_model = x['wq'].shape[0]
   u, s, vt = x['kv_svd']
   dkv, up = svd.factor(u, s, vt, r_kv, sigma, x['whiten'])
   kw = x['k_width']
