@@ -42,8 +42,7 @@ def checkpoints(workdir: str, stage: str, keep: int = 2) -> ckpt.StageCheckpoint
 
 
 def has_checkpoint(workdir: str, stage: str) -> bool:
-  d = os.path.join(stage_dir(workdir, stage), 'ckpt')
-  return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+  return latest_step_dir(workdir, stage) is not None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -61,8 +61,7 @@ def reward_evaluator(graphdef, ref_params, pairs: list[dict[str, np.ndarray]], b
 def validate(config, workdir: str | None, teacher, stages: list[str]) -> None:
   d = config.dpo
   if (workdir and not {'init', 'distill'} & set(stages)
-      and wd.latest_step_dir(workdir, 'init') is None
-      and wd.latest_step_dir(workdir, 'distill') is None):
+      and not wd.has_checkpoint(workdir, 'init') and not wd.has_checkpoint(workdir, 'distill')):
     raise UsageError(f'no student to align in {workdir}: run init (and distill) before dpo.')
   if not d.path:
     raise UsageError('dpo.path is empty: set it to a preference JSONL file.')

@@ -35,7 +35,7 @@ def mc_paths(config) -> list[str]:
 def validate(config, workdir: str | None, teacher, stages: list[str]) -> None:
   """Every evaluation file exists and is usable: text with at least one document, well-formed
   multiple-choice rows (file and line named)."""
-  for i, p in enumerate(text_paths(config)):
+  for p in text_paths(config):
     data_checks.check_text(p, 'eval.path' if p == config.eval.path else 'eval.extra_paths')
   for p in mc_paths(config):
     try:
