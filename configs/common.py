@@ -73,6 +73,7 @@ def base_config() -> config_dict.ConfigDict:
   c.mla.calib_path = ''          # calibration text for init=activation ('' = data.train_path)
   c.mla.calib_docs = 64
   c.mla.calib_tokens = 16384
+  c.mla.calib_len = 2048         # calibration rows: min(this, the model's maximum length) tokens
 
   c.train = config_dict.ConfigDict()
   c.train.steps = 1000
@@ -87,7 +88,8 @@ def base_config() -> config_dict.ConfigDict:
   c.train.grad_clip = 1.0
   c.train.accum = 1              # micro-batches per step (gradient accumulation)
   c.train.trainable = 'all'      # all | attention
-  c.train.remat = False
+  c.train.remat = 'none'          # rematerialisation of each block: none | full | dots_saveable
+  c.train.frozen_dtype = 'auto'   # storage of the frozen KD teacher / DPO reference: auto (= dtype) | float32 | bfloat16
   c.train.log_every = 10
   c.train.eval_every = 0         # held-out NLL every N steps (0 = only at the end)
   c.train.eval_docs = 50
@@ -102,6 +104,7 @@ def base_config() -> config_dict.ConfigDict:
   c.distill.ce_weight = 0.0
   c.distill.temperature = 1.0
   c.distill.hidden_weight = 0.0  # per-layer hidden-state MSE (same depth and width only)
+  c.distill.loss_chunk = 512     # KD loss over this many positions at a time (0 = whole rows)
 
   c.dpo = config_dict.ConfigDict()
   c.dpo.path = ''                # preference JSONL
@@ -125,9 +128,14 @@ def base_config() -> config_dict.ConfigDict:
   c.eval.extra_max_docs = -1     # documents of each extra text (-1: as eval.max_docs, 0: all)
   c.eval.mc_paths = ''           # comma-separated multiple-choice JSONL files
   c.eval.batch_rows = 16
+  c.eval.max_len = 2048          # predicted tokens per document: min(this, the model's maximum length)
   c.eval.sample_tokens = 40      # greedy sample length from BOS (0 = none)
   c.eval.memory_gb = 16.0        # KV report: the longest context whose cache fits this memory
   c.eval.teacher = True          # also evaluate the teacher (False: the student only)
+
+  c.model = config_dict.ConfigDict()
+  c.model.attention = 'auto'     # attention kernel: auto (per backend) | reference | xla | cudnn | splash
+  c.model.scan_layers = True     # one lax.scan over identical blocks (short compiles at 16-32 layers)
 
   c.mesh = config_dict.ConfigDict()
   c.mesh.data = -1               # -1 = all devices not used by fsdp x tensor

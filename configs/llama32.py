@@ -42,7 +42,7 @@ def get_base(arg, *, r_kv: int):
   c.train.lr = a.lr
   c.train.warmup = 0.01
   c.train.b2 = 0.999
-  c.train.remat = True
+  c.train.remat = 'full'
   c.train.ckpt_every = 1000
   c.train.eval_every = 1000
   c.data.format = 'chat'

@@ -31,7 +31,8 @@ def validate(config, stages: list[str], workdir: str | None = None) -> None:
   (the teacher's config.json and safetensors headers or llama2.c header, the first document of a
   text file, JSONL rows, the work directory's config.json and checkpoint metadata): one clear error
   per problem. With `workdir`, also that resuming it is consistent with this config."""
-  wd.compute_dtype(config)
+  wd.model_kwargs(config, train=True)
+  wd.frozen_dtype(config)
   for name in ('steps', 'batch_size', 'seq_len', 'accum', 'log_every', 'ckpt_every', 'keep',
                'max_nonfinite'):
     if config.train[name] < 1:

@@ -11,6 +11,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# Attention kernels by name (config `model.attention`): `reference` is the einsum path below;
+# `auto` picks one per backend at trace time.
+IMPLEMENTATIONS = ('auto', 'reference', 'xla', 'cudnn', 'splash')
+
 NEG_INF = -1e30  # finite, so that fully masked (padding) rows give uniform weights, not NaN
 
 

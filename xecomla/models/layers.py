@@ -120,7 +120,7 @@ class Embed(nnx.Module):
     return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:
-    return jnp.einsum('BTD,VD->BTV', x, self.embedding[...].astype(x.dtype),
+    return jnp.einsum('...TD,VD->...TV', x, self.embedding[...].astype(x.dtype),
                       preferred_element_type=jnp.float32)
 
 

@@ -31,10 +31,12 @@ def teacher_inv_freq(config: LlamaConfig, dim: int | None = None) -> np.ndarray:
 class Attention(nnx.Module):
   """q = x W_q [embed -> heads x head_dim], k/v = x W_k/v [embed -> kv_heads x head_dim]."""
 
-  def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None):
+  def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None,
+               attention: str = 'reference'):
     c = config
     self.config = c
     self.dtype = dtype
+    self.attention = attention  # the kernel (models.attention.IMPLEMENTATIONS)
     self.q = param(rngs, (c.dim, c.n_heads, c.head_dim), ('embed', 'heads', 'head_dim'))
     self.k = param(rngs, (c.dim, c.n_kv_heads, c.head_dim), ('embed', 'kv_heads', 'head_dim'))
     self.v = param(rngs, (c.dim, c.n_kv_heads, c.head_dim), ('embed', 'kv_heads', 'head_dim'))

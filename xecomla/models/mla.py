@@ -49,11 +49,12 @@ class MLAAttention(nnx.Module):
   up-project K and V, also from the cache: the naive decode), or 'absorbed' (always absorb)."""
 
   def __init__(self, config: MLAConfig, layer: int, *, dtype=jnp.float32, rngs: nnx.Rngs | None,
-               mode: str = 'auto'):
+               mode: str = 'auto', attention: str = 'reference'):
     if mode not in MODES:
       raise ValueError(f'MLA mode {mode!r} is not one of {MODES}')
     c, llama = config, config.llama
     self.config, self.layer, self.dtype, self.mode = config, layer, dtype, mode
+    self.attention = attention  # the kernel of the explicit path (models.attention.IMPLEMENTATIONS)
     n, d = llama.n_heads, llama.dim
     r_q, r_kv = c.r_q[layer], c.r_kv[layer]
     if r_q is None:

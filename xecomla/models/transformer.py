@@ -21,13 +21,15 @@ from xecomla.models.mla import MLAAttention
 
 class Block(nnx.Module):
 
-  def __init__(self, config: LlamaConfig | MLAConfig, layer: int, *, dtype, rngs, mla_mode='auto'):
+  def __init__(self, config: LlamaConfig | MLAConfig, layer: int, *, dtype, rngs, mla_mode='auto',
+               attention: str = 'reference'):
     llama = config.llama if isinstance(config, MLAConfig) else config
     self.attn_norm = RMSNorm(llama.dim, llama.norm_eps, rngs=rngs)
     if isinstance(config, MLAConfig):
-      self.attn = MLAAttention(config, layer, dtype=dtype, rngs=rngs, mode=mla_mode)
+      self.attn = MLAAttention(config, layer, dtype=dtype, rngs=rngs, mode=mla_mode,
+                               attention=attention)
     else:
-      self.attn = Attention(config, dtype=dtype, rngs=rngs)
+      self.attn = Attention(config, dtype=dtype, rngs=rngs, attention=attention)
     self.mlp_norm = RMSNorm(llama.dim, llama.norm_eps, rngs=rngs)
     self.mlp = MLP(llama.dim, llama.hidden_dim, dtype=dtype, rngs=rngs)
 
@@ -38,26 +40,37 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-  """Decoder-only LM. Parameters are float32 (`param_dtype`); compute runs in `dtype`."""
+  """Decoder-only LM. Parameters are float32 (`param_dtype`); compute runs in `dtype`.
+
+  remat: rematerialisation policy of each block in the backward pass ('none', 'full',
+  'dots_saveable'; True = 'full'); attention: the attention implementation
+  (`models.attention.IMPLEMENTATIONS`); scan_layers: run identical blocks under one scan.
+  """
 
   def __init__(self, config: LlamaConfig | MLAConfig, *, dtype=jnp.float32,
-               rngs: nnx.Rngs | None = None, remat: bool = False, mla_mode: str = 'auto'):
+               rngs: nnx.Rngs | None = None, remat: bool | str = 'none', mla_mode: str = 'auto',
+               attention: str = 'reference', scan_layers: bool = False):
     self.config = config
     self.dtype = dtype
-    self.remat = remat
+    self.remat = {True: 'full', False: 'none'}.get(remat, remat)
+    self.attention = attention
+    self.scan_layers = scan_layers
     llama = config.llama if isinstance(config, MLAConfig) else config
     self.llama = llama
     self.embed = Embed(llama.vocab_size, llama.dim, dtype=dtype, rngs=rngs)
-    self.layers = nnx.List([Block(config, l, dtype=dtype, rngs=rngs, mla_mode=mla_mode) for l in range(llama.n_layers)])
+    self.layers = nnx.List([Block(config, l, dtype=dtype, rngs=rngs, mla_mode=mla_mode,
+                                  attention=attention) for l in range(llama.n_layers)])
     self.final_norm = RMSNorm(llama.dim, llama.norm_eps, rngs=rngs)
     if not llama.tie_embeddings:
       self.lm_head = param(rngs, (llama.dim, llama.vocab_size), ('embed', 'vocab'))
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, cache: kvcache.Cache | None = None,
-               *, return_hidden: bool = False):
+               *, return_hidden: bool = False, logits: bool = True):
     """tokens [B, T] -> float32 logits [B, T, V], the updated cache (None without one) and, with
-    return_hidden, the residual stream after each block ([B, T, D] per layer).
+    return_hidden, the residual stream after each block ([B, T, D] per layer). With
+    logits=False the first output is the final-normed hidden state [B, T, D] in the compute dtype
+    instead (`head` turns it into logits, e.g. a chunk of the sequence at a time).
 
     positions default to 0..T-1, segment_ids to 1; segment 0 marks padding. With a cache the T
     tokens are written at the cache's next slots and attend to everything cached so far.
@@ -77,7 +90,7 @@ class Transformer(nnx.Module):
       mask = attention_mask(positions, segment_ids, cache.positions, cache.segment_ids)
     hidden, new_layers = [], []
     for l, block in enumerate(self.layers):
-      call = nnx.remat(block.__class__.__call__) if self.remat else block.__class__.__call__
+      call = nnx.remat(block.__class__.__call__) if self.remat != 'none' else block.__class__.__call__
       x, layer_cache = call(block, x, positions, mask,
                             None if cache is None else cache.layers[l],
                             None if cache is None else index)
@@ -85,16 +98,22 @@ class Transformer(nnx.Module):
       if return_hidden:
         hidden.append(x)
     x = self.final_norm(x)
+    if cache is not None:
+      cache = cache.replace(layers=tuple(new_layers), index=index + t)
+    out = x
+    if logits:
+      out = self.head(x)
+      chex.assert_shape(out, (b, t, self.llama.vocab_size))
+    return (out, cache, hidden) if return_hidden else (out, cache)
+
+  def head(self, x: jax.Array) -> jax.Array:
+    """Final-normed hidden states [..., T, D] -> float32 logits [..., T, V]."""
     if self.llama.tie_embeddings:
       logits = self.embed.attend(x)
     else:
-      logits = jnp.einsum('BTD,DV->BTV', x, self.lm_head[...].astype(x.dtype),
+      logits = jnp.einsum('...TD,DV->...TV', x, self.lm_head[...].astype(x.dtype),
                           preferred_element_type=jnp.float32)
-    if cache is not None:
-      cache = cache.replace(layers=tuple(new_layers), index=index + t)
-    logits = logits.astype(jnp.float32)
-    chex.assert_shape(logits, (b, t, self.llama.vocab_size))
-    return (logits, cache, hidden) if return_hidden else (logits, cache)
+    return logits.astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------------------------

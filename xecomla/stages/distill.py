@@ -82,7 +82,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   if not wd.has_checkpoint(workdir, 'init'):
     raise UsageError(f'no student in {wd.stage_dir(workdir, "init")}: run the init stage first '
                      '(config.stages=init,distill,...).')
-  dtype = wd.compute_dtype(config)
+  train_kw, model_kw = wd.model_kwargs(config, train=True), wd.model_kwargs(config)
   student_cfg, params, _ = wd.load_student_from(workdir, 'init')
   source_dir = wd.teacher_dir(config, workdir)
   kd_dir = (wd.hf_dir(config.distill.teacher_path, '', workdir, 'kd_teacher_hf')
@@ -99,8 +99,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     raise UsageError(f'train.batch_size={t.batch_size} is not divisible by train.accum={t.accum}.')
   mesh = mesh_of(config)
   sharding.check_batch(t.batch_size // t.accum, mesh, 'train.batch_size / train.accum')
-  s_graph = transformer.graphdef(student_cfg, dtype=dtype, remat=t.remat)
-  t_graph = transformer.graphdef(teacher_cfg, dtype=dtype)
+  s_graph = transformer.graphdef(student_cfg, **train_kw)
+  t_graph = transformer.graphdef(teacher_cfg, **model_kw)
   tx, lr_fn = optimizer(config, t.lr, t.steps)
   kd = steps.KDOptions(kl_weight=d.kl_weight, ce_weight=d.ce_weight, temperature=d.temperature,
                        hidden_weight=d.hidden_weight)
@@ -113,7 +113,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   evaluate = None
   if t.eval_every and config.eval.path:
     evaluate = evaluation.nll_evaluator(
-        transformer.graphdef(student_cfg, dtype=dtype), tokenizer, config.eval.path,
+        transformer.graphdef(student_cfg, **model_kw), tokenizer, config.eval.path,
         max_docs=t.eval_docs, bos_id=llama.bos_id, max_len=llama.max_seq_len,
         batch_rows=config.eval.batch_rows)
   spec = loop.LoopSpec(steps=t.steps, log_every=t.log_every, eval_every=t.eval_every,

@@ -86,7 +86,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   if not d.path:
     raise UsageError('dpo.path is empty: set it to a preference JSONL file.')
   stage, student_cfg, params, _ = found
-  dtype = wd.compute_dtype(config)
+  train_kw, model_kw = wd.model_kwargs(config, train=True), wd.model_kwargs(config)
   llama = student_cfg.llama
   if d.max_len > llama.max_seq_len + 1:
     raise UsageError(f'dpo.max_len={d.max_len} exceeds the model\'s maximum length '
@@ -100,11 +100,11 @@ def run(config, workdir: str) -> dict[str, Any]:
   train_pairs, eval_pairs = pairs[:len(pairs) - d.eval_pairs], pairs[len(pairs) - d.eval_pairs:]
   mesh = mesh_of(config)
   sharding.check_batch(d.batch_size, mesh, 'dpo.batch_size')
-  graphdef = transformer.graphdef(student_cfg, dtype=dtype, remat=t.remat)
+  graphdef = transformer.graphdef(student_cfg, **train_kw)
   tx, lr_fn = optimizer(config, d.lr, d.steps)
   trainer = steps.make_trainer(steps.dpo_loss_fn(graphdef, d.beta), tx, model_config=student_cfg,
                                frozen_config=student_cfg, mesh=mesh, trainable=t.trainable)
-  evaluate = reward_evaluator(transformer.graphdef(student_cfg, dtype=dtype), params, eval_pairs,
+  evaluate = reward_evaluator(transformer.graphdef(student_cfg, **model_kw), params, eval_pairs,
                               d.beta) if d.eval_pairs else None
   before = evaluate(params) if evaluate else {}
   spec = loop.LoopSpec(steps=d.steps, log_every=t.log_every, eval_every=t.eval_every or d.steps,

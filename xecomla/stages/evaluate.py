@@ -101,13 +101,13 @@ def results_markdown(results: dict[str, Any]) -> str:
 
 
 def run(config, workdir: str) -> dict[str, Any]:
-  dtype = wd.compute_dtype(config)
+  model_kw = wd.model_kwargs(config)
   directory, llama, params = wd.load_teacher(config, workdir)
   tokenizer = Tokenizer(directory)
   results: dict[str, Any] = {}
   if config.eval.teacher:
     results['teacher'] = {'path': directory, **evaluate_model(
-        transformer.from_params(llama, params, dtype=dtype), tokenizer, config, llama)}
+        transformer.from_params(llama, params, **model_kw), tokenizer, config, llama)}
   found = wd.latest_student(workdir)
   if found is not None:
     stage, student_cfg, student_params, meta = found
@@ -117,7 +117,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         'd_r': student_cfg.d_r, 'rope_pairs': [None if p is None else list(p)
                                               for p in student_cfg.rope_pairs],
         'latent_norm': student_cfg.latent_norm,
-        **evaluate_model(transformer.from_params(student_cfg, student_params, dtype=dtype),
+        **evaluate_model(transformer.from_params(student_cfg, student_params, **model_kw),
                          tokenizer, config, llama)}
   fileio.atomic_write_json(os.path.join(workdir, 'results.json'), results)
   fileio.atomic_write_text(os.path.join(workdir, 'results.md'), results_markdown(results))
