@@ -16,23 +16,13 @@ from xecomla.cli import UsageError
 from xecomla.models import transformer
 from xecomla.stages.distill import mesh_of, optimizer
 from xecomla.tokenizer import Tokenizer
-from xecomla.train import loop, losses, steps
+from xecomla.train import loop, loss_fns, losses, steps
 
 
 def pair_logps_fn(graphdef):
-  """(params, batch) -> summed response log-probs of chosen and rejected, [B] each."""
-
-  @jax.jit
-  def f(params, b):
-    model = nnx.merge(graphdef, params)
-    out = []
-    for prefix in ('chosen_', 'rejected_'):
-      logits, _ = model(b[prefix + 'tokens'], b[prefix + 'positions'], b[prefix + 'segment_ids'])
-      out.append(losses.sequence_log_probs(logits, b[prefix + 'tokens'], b[prefix + 'segment_ids'],
-                                           b[prefix + 'loss_mask']))
-    return out
-
-  return f
+  """(params, batch) -> summed response log-probs of chosen and rejected, [B] each (one forward
+  of the [2B, T] pair batch)."""
+  return jax.jit(lambda params, b: loss_fns.pair_logps(nnx.merge(graphdef, params), b))
 
 
 def reward_evaluator(graphdef, ref_params, pairs: list[dict[str, np.ndarray]], beta: float,
@@ -102,9 +92,14 @@ def run(config, workdir: str) -> dict[str, Any]:
   sharding.check_batch(d.batch_size, mesh, 'dpo.batch_size')
   graphdef = transformer.graphdef(student_cfg, **train_kw)
   tx, lr_fn = optimizer(config, d.lr, d.steps)
+  frozen_dtype = wd.frozen_dtype(config)
   trainer = steps.make_trainer(steps.dpo_loss_fn(graphdef, d.beta), tx, model_config=student_cfg,
-                               frozen_config=student_cfg, mesh=mesh, trainable=t.trainable)
-  evaluate = reward_evaluator(transformer.graphdef(student_cfg, **model_kw), params, eval_pairs,
+                               frozen_config=student_cfg, mesh=mesh, trainable=t.trainable,
+                               frozen_dtype=frozen_dtype)
+  # The held-out rewards are measured against the reference the policy trains against: the
+  # same parameters in the same storage dtype.
+  reference = jax.tree.map(lambda x: np.asarray(x).astype(frozen_dtype, copy=False), params)
+  evaluate = reward_evaluator(transformer.graphdef(student_cfg, **model_kw), reference, eval_pairs,
                               d.beta) if d.eval_pairs else None
   before = evaluate(params) if evaluate else {}
   spec = loop.LoopSpec(steps=d.steps, log_every=t.log_every, eval_every=t.eval_every or d.steps,

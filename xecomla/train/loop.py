@@ -107,7 +107,7 @@ def run(*, name: str, stage_dir: str, trainer: Trainer, model_config, params: An
   else:
     state = trainer.init_state(jax.device_put(params, trainer.param_shardings))
     start = 0
-  frozen = jax.device_put(frozen, trainer.frozen_shardings)
+  frozen = trainer.put_frozen(frozen)  # in its storage dtype, cast on the host
 
   log = MetricsLog(stage_dir, start)
   progress = Progress(name, spec.steps, start)

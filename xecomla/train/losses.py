@@ -8,6 +8,9 @@ the loss further, e.g. to assistant tokens.
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -49,6 +52,40 @@ def kd_loss_sums(student_logits, teacher_logits, tokens, segment_ids, loss_mask=
   targets, w = next_token_targets(tokens, segment_ids, loss_mask)
   kl, ce = kd_token_losses(student_logits, teacher_logits, targets, temperature)
   kl_sum, ce_sum = jnp.sum(kl * w), jnp.sum(ce * w)
+  return {'loss': kl_weight * kl_sum + ce_weight * ce_sum, 'kl': kl_sum, 'ce': ce_sum,
+          'tokens': jnp.sum(w)}
+
+
+def kd_loss_sums_chunked(student_hidden, teacher_hidden, student_head: Callable,
+                         teacher_head: Callable, tokens, segment_ids, loss_mask=None, *, chunk=0,
+                         kl_weight=1.0, ce_weight=0.0, temperature=1.0) -> dict[str, jax.Array]:
+  """kd_loss_sums of student_head(student_hidden) against teacher_head(teacher_hidden) (hidden
+  [B, T, D] -> logits [B, T, V]), `chunk` positions at a time: a lax.scan over chunks whose body is
+  under jax.checkpoint, so neither pass holds more than a chunk's [B, chunk, V] logits (the
+  backward recomputes them). T need not divide by chunk: the last chunk is padded with weight 0.
+  chunk = 0 (or >= T) computes whole rows at once."""
+  b, t = tokens.shape
+  if chunk <= 0 or chunk >= t:
+    return kd_loss_sums(student_head(student_hidden), teacher_head(teacher_hidden), tokens,
+                        segment_ids, loss_mask, kl_weight=kl_weight, ce_weight=ce_weight,
+                        temperature=temperature)
+  targets, w = next_token_targets(tokens, segment_ids, loss_mask)
+  n = -(-t // chunk)
+
+  def chunks(x):  # [B, T, ...] -> [n, B, chunk, ...], zero-padded
+    x = jnp.pad(x, [(0, 0), (0, n * chunk - t)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape((b, n, chunk) + x.shape[2:]), 1, 0)
+
+  @functools.partial(jax.checkpoint, prevent_cse=False)
+  def body(carry, xs):
+    s_h, t_h, tgt, wc = xs
+    kl, ce = kd_token_losses(student_head(s_h), jax.lax.stop_gradient(teacher_head(t_h)), tgt,
+                             temperature)
+    return (carry[0] + jnp.sum(kl * wc), carry[1] + jnp.sum(ce * wc)), None
+
+  zero = jnp.zeros((), jnp.float32)
+  (kl_sum, ce_sum), _ = jax.lax.scan(
+      body, (zero, zero), tuple(chunks(x) for x in (student_hidden, teacher_hidden, targets, w)))
   return {'loss': kl_weight * kl_sum + ce_weight * ce_sum, 'kl': kl_sum, 'ce': ce_sum,
           'tokens': jnp.sum(w)}
 

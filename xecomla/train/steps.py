@@ -1,15 +1,16 @@
-"""Jit-compiled train steps over a device mesh. A step kind differs only in its loss function:
-
-  kd   the student against a frozen teacher running inside the same compiled step
-       (KL + CE, optional hidden-state MSE)
-  dpo  the policy against a frozen reference (sigmoid DPO)
+"""Jit-compiled train steps over a device mesh. A step kind differs only in its loss function
+(`loss_fns`: kd against a frozen teacher, dpo against a frozen reference, both inside the same
+compiled step).
 
 The train state is a plain dict {'step', 'params', 'opt_state'}; the optimiser sees only the
 trainable parameters (`trainable`: all, or attention only). A step takes a batch of
 `accum` micro-batches, accumulates summed losses and gradients over them with lax.scan and
 normalises once by the total count (target tokens for kd, pairs for dpo), so accumulation equals
-one large batch. A step whose loss or gradient norm is not finite leaves the state unchanged
-(metric `skipped` = 1). State is donated; shardings are explicit for every input and output.
+one large batch. Every device keeps its own rows in every micro-batch (micro-batch j is rows
+j, j + accum, ... of each device's block), so accumulation moves no data and each micro-step
+does 1/accum of the work. The frozen model is stored in `frozen_dtype` (e.g. bfloat16). A step
+whose loss or gradient norm is not finite leaves the state unchanged (metric `skipped` = 1).
+State is donated; shardings are explicit for every input and output.
 """
 
 from __future__ import annotations
@@ -19,18 +20,17 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
-from flax import nnx, traverse_util
-from jax.sharding import NamedSharding
+from flax import traverse_util
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from xecomla import sharding
 from xecomla.cli import UsageError
 from xecomla.models import transformer
-from xecomla.train import losses
+from xecomla.train.loss_fns import KDOptions, LossFn, dpo_loss_fn, kd_loss_fn  # noqa: F401
 
 TRAINABLE = ('all', 'attention')
-
-LossFn = Callable[[Any, Any, dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -57,61 +57,6 @@ def merge(a: dict, b: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Loss functions: (params, frozen model params, micro-batch) -> (objective sum, sums)
-# ----------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class KDOptions:
-  kl_weight: float = 1.0
-  ce_weight: float = 0.0
-  temperature: float = 1.0
-  hidden_weight: float = 0.0
-
-
-def kd_loss_fn(student_graphdef, teacher_graphdef, opts: KDOptions) -> LossFn:
-  hidden = opts.hidden_weight > 0
-
-  def loss(params, teacher_params, b):
-    args = (b['tokens'], b['positions'], b['segment_ids'])
-    t_out = nnx.merge(teacher_graphdef, teacher_params)(*args, return_hidden=hidden)
-    s_out = nnx.merge(student_graphdef, params)(*args, return_hidden=hidden)
-    t_logits = jax.lax.stop_gradient(t_out[0])
-    sums = losses.kd_loss_sums(s_out[0], t_logits, b['tokens'], b['segment_ids'],
-                               b.get('loss_mask'), kl_weight=opts.kl_weight,
-                               ce_weight=opts.ce_weight, temperature=opts.temperature)
-    objective = sums['loss']
-    if hidden:
-      sums['hidden'] = losses.hidden_mse_sum(s_out[2], jax.lax.stop_gradient(t_out[2]),
-                                             b['segment_ids'])
-      objective = objective + opts.hidden_weight * sums['hidden']
-    sums['count'] = sums['tokens']
-    return objective, sums
-
-  return loss
-
-
-def dpo_loss_fn(graphdef, beta: float) -> LossFn:
-
-  def logps(model, b, prefix):
-    logits, _ = model(b[prefix + 'tokens'], b[prefix + 'positions'], b[prefix + 'segment_ids'])
-    return losses.sequence_log_probs(logits, b[prefix + 'tokens'], b[prefix + 'segment_ids'],
-                                     b[prefix + 'loss_mask'])
-
-  def loss(params, ref_params, b):
-    policy, ref = nnx.merge(graphdef, params), nnx.merge(graphdef, ref_params)
-    pc, pr = logps(policy, b, 'chosen_'), logps(policy, b, 'rejected_')
-    rc = jax.lax.stop_gradient(logps(ref, b, 'chosen_'))
-    rr = jax.lax.stop_gradient(logps(ref, b, 'rejected_'))
-    per_pair, chosen, rejected = losses.dpo_losses(pc, pr, rc, rr, beta)
-    sums = {'loss': jnp.sum(per_pair), 'chosen_reward': jnp.sum(chosen),
-            'rejected_reward': jnp.sum(rejected), 'reward_accuracy': jnp.sum(chosen > rejected),
-            'margin': jnp.sum(chosen - rejected), 'count': jnp.asarray(per_pair.shape[0], jnp.float32)}
-    return sums['loss'], sums
-
-  return loss
-
-
-# ----------------------------------------------------------------------------------------------
 # The step
 # ----------------------------------------------------------------------------------------------
 
@@ -127,6 +72,14 @@ class Trainer:
   tx: optax.GradientTransformation
   mesh: jax.sharding.Mesh
   abstract_params: Any = None   # ShapeDtypeStructs of the trained model's parameters
+  abstract_frozen: Any = None   # ShapeDtypeStructs of the frozen model's, in its storage dtype
+
+  def put_frozen(self, frozen: Any) -> Any:
+    """Host parameters of the frozen model -> device arrays in their storage dtype: cast on the
+    host (numpy; bfloat16 through ml_dtypes), so no device holds a float32 copy."""
+    cast = jax.tree.map(lambda x, a: np.asarray(x).astype(a.dtype, copy=False), frozen,
+                        self.abstract_frozen)
+    return jax.device_put(cast, self.frozen_shardings)
 
 
 def state_shardings_for(tx, params_abstract, param_shardings, predicate, mesh):
@@ -140,42 +93,64 @@ def state_shardings_for(tx, params_abstract, param_shardings, predicate, mesh):
   return {'step': rep, 'params': param_shardings, 'opt_state': opt_sh}
 
 
-def make_trainer(loss_fn: LossFn, tx: optax.GradientTransformation, *, model_config,
-                 frozen_config, mesh, accum: int = 1, trainable: str = 'all') -> Trainer:
+def make_trainer(loss_fn: LossFn | Callable, tx: optax.GradientTransformation, *, model_config,
+                 frozen_config, mesh, accum: int = 1, trainable: str = 'all',
+                 frozen_dtype: Any = None) -> Trainer:
   """Compiles `loss_fn` into a sharded train step. `model_config` describes the trained model,
-  `frozen_config` the frozen one (teacher or reference) passed to every step."""
+  `frozen_config` the frozen one (teacher or reference) passed to every step, stored in
+  `frozen_dtype` (None: float32). A LossFn's `prepare` runs outside the gradient; a plain
+  callable (params, frozen, micro-batch) -> (objective, sums) is differentiated whole."""
   predicate = is_trainable(trainable)
   abstract = transformer.abstract_params(model_config)
   param_sh = sharding.tree_shardings(abstract, transformer.param_axes(model_config), mesh)
-  frozen_sh = sharding.tree_shardings(transformer.abstract_params(frozen_config),
-                                      transformer.param_axes(frozen_config), mesh)
+  frozen_abstract = transformer.abstract_params(frozen_config)
+  if frozen_dtype is not None:
+    frozen_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, frozen_dtype),
+                                   frozen_abstract)
+  frozen_sh = sharding.tree_shardings(frozen_abstract, transformer.param_axes(frozen_config), mesh)
   state_sh = state_shardings_for(tx, abstract, param_sh, predicate, mesh)
   batch_sh = sharding.batch_sharding(mesh)
+  micro_sh = NamedSharding(mesh, P(None, *batch_sh.spec))  # [accum, rows, ...]: rows sharded
   rep = sharding.replicated(mesh)
+  if isinstance(loss_fn, LossFn):
+    prepare, loss = loss_fn.prepare, loss_fn.loss
+  else:
+    prepare, loss = (lambda frozen, mb: frozen), loss_fn
 
   def init_state(params):
     trainable_params, _ = partition(params, predicate)
     return {'step': jnp.zeros((), jnp.int32), 'params': params,
             'opt_state': tx.init(trainable_params)}
 
+  def micro_batches(x):
+    # [B, ...] -> [accum, B / accum, ...] with micro-batch j = rows j, j + accum, ...: a device's
+    # contiguous block of rows splits into accum blocks of its own (no data moves).
+    x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:])
+    return jax.lax.with_sharding_constraint(jnp.swapaxes(x, 0, 1), micro_sh)
+
   def step(state, frozen, batch):
     trainable_params, fixed = partition(state['params'], predicate)
-    micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+    micro = jax.tree.map(micro_batches, batch)
 
-    def objective(tp, mb):
-      value, sums = loss_fn(merge(tp, fixed), frozen, mb)
+    def objective(tp, f, mb):
+      value, sums = loss(merge(tp, fixed), f, mb)
       return value, sums
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
 
+    def frozen_outputs(mb):
+      return jax.lax.stop_gradient(prepare(frozen, mb))
+
     def body(carry, mb):
       grads, sums = carry
-      (_, s), g = grad_fn(trainable_params, mb)
+      mb = jax.lax.with_sharding_constraint(mb, batch_sh)
+      (_, s), g = grad_fn(trainable_params, frozen_outputs(mb), mb)
       return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s)), None
 
     zeros = jax.tree.map(jnp.zeros_like, trainable_params)
     first = jax.tree.map(lambda x: x[0], micro)
-    sums0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: objective(trainable_params, first)[1]))
+    sums0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+        lambda: objective(trainable_params, frozen_outputs(first), first)[1]))
     (grads, sums), _ = jax.lax.scan(body, (zeros, sums0), micro)
     count = jnp.maximum(sums['count'], 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
@@ -196,8 +171,9 @@ def make_trainer(loss_fn: LossFn, tx: optax.GradientTransformation, *, model_con
     return {'step': state['step'] + 1, 'params': new_params, 'opt_state': opt_state}, metrics
 
   return Trainer(
-      step=jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, rep),
-                   donate_argnums=(0,)),
+      step=sharding.UnderMesh(jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh),
+                                      out_shardings=(state_sh, rep), donate_argnums=(0,)), mesh),
       init_state=jax.jit(init_state, in_shardings=(param_sh,), out_shardings=state_sh),
       state_shardings=state_sh, param_shardings=param_sh, frozen_shardings=frozen_sh,
-      batch_sharding=batch_sh, tx=tx, mesh=mesh, abstract_params=abstract)
+      batch_sharding=batch_sh, tx=tx, mesh=mesh, abstract_params=abstract,
+      abstract_frozen=frozen_abstract)
