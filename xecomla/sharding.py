@@ -36,12 +36,19 @@ RULES: tuple[tuple[str, Any], ...] = (
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A (data, fsdp, tensor) mesh over `devices` (default all); data=-1 takes what is left."""
+  """A (data, fsdp, tensor) mesh over `devices` (default all); data=-1 takes what is left, and so
+  does fsdp=-1 (then data=-1 means 1: every device not used by tensor shards the parameters)."""
   devices = list(devices if devices is not None else jax.devices())
   n = len(devices)
-  if fsdp < 1 or tensor < 1 or (data < 1 and data != -1):
-    raise UsageError(f'mesh sizes must be positive (data may be -1): got data={data}, '
+  if tensor < 1 or (data < 1 and data != -1) or (fsdp < 1 and fsdp != -1):
+    raise UsageError(f'mesh sizes must be positive (data or fsdp may be -1): got data={data}, '
                      f'fsdp={fsdp}, tensor={tensor}.')
+  if fsdp == -1:
+    data = 1 if data == -1 else data
+    if n % (data * tensor):
+      raise UsageError(f'{n} devices do not divide into data={data} x tensor={tensor}: '
+                       'change mesh.data / mesh.tensor.')
+    fsdp = n // (data * tensor)
   if data == -1:
     if n % (fsdp * tensor):
       raise UsageError(f'{n} devices do not divide into fsdp={fsdp} x tensor={tensor}: '
@@ -103,3 +110,21 @@ def check_batch(batch_size: int, mesh, what: str = 'train.batch_size') -> None:
   if batch_size % n:
     raise UsageError(f'{what}={batch_size} is not divisible by data x fsdp = {n} devices: '
                      'change the batch size or the mesh.')
+
+
+class UnderMesh:
+  """A jitted function that is traced, lowered and called under `jax.set_mesh(mesh)`, so that
+  code inside it sees the mesh (e.g. Pallas attention kernels that run per device in a
+  shard_map, which XLA cannot partition by itself)."""
+
+  def __init__(self, jitted, mesh):
+    self.jitted, self.mesh = jitted, mesh
+
+  def __call__(self, *args, **kwargs):
+    with jax.set_mesh(self.mesh):
+      return self.jitted(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    with jax.set_mesh(self.mesh):
+      return self.jitted.lower(*args, **kwargs)
+

@@ -1,4 +1,5 @@
-"""Masks and the softmax attention kernel shared by teacher (GQA) and student (MLA, explicit path).
+"""Masks, the reference softmax attention shared by teacher (GQA) and student (MLA, explicit path),
+and `dot_product`, which runs it by the configured implementation (fused kernels: models.kernels).
 
 Masking is by segment and position: a query attends to a key of the same non-zero segment whose
 position is not later than its own. Packed rows (several documents, positions restarting per
@@ -11,8 +12,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from xecomla.models import kernels
+
 # Attention kernels by name (config `model.attention`): `reference` is the einsum path below;
-# `auto` picks one per backend at trace time.
+# `xla`, `cudnn`, `splash` are in models.kernels; `auto` picks one per backend at trace time.
 IMPLEMENTATIONS = ('auto', 'reference', 'xla', 'cudnn', 'splash')
 
 NEG_INF = -1e30  # finite, so that fully masked (padding) rows give uniform weights, not NaN
@@ -44,3 +47,32 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: flo
   probs = masked_softmax(scores, mask[:, None, None])
   out = jnp.einsum('BKGTS,BSKH->BTKGH', probs.astype(v.dtype), v)
   return out.reshape(b, t, n, v.shape[-1])
+
+
+def attend_shared_rope(q_c: jax.Array | None, k_c: jax.Array | None, q_r: jax.Array,
+                       k_r: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+  """MLA's explicit attention with the RoPE key shared by all heads, never broadcast per head.
+
+  score_n(t, s) = q_c[t, n] . k_c[s, n] + q_r[t, n] . k_r[s]: the same maths as attend() on
+  [q_c, q_r] against [k_c, k_r repeated per head], with one einsum against k_r [B, S, R].
+  q_c [B, T, N, C], k_c [B, S, N, C] (both None when C = 0), q_r [B, T, N, R], v [B, S, N, Hv].
+  """
+  scores = jnp.einsum('BTNH,BSH->BNTS', q_r, k_r, preferred_element_type=jnp.float32)
+  if q_c is not None:
+    scores = scores + jnp.einsum('BTNH,BSNH->BNTS', q_c, k_c, preferred_element_type=jnp.float32)
+  probs = masked_softmax(scores * scale, mask[:, None])
+  return jnp.einsum('BNTS,BSNH->BTNH', probs.astype(v.dtype), v)
+
+
+def dot_product(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+                implementation: str = 'reference') -> jax.Array:
+  """attend() by `implementation` (IMPLEMENTATIONS), resolved for the platform at trace time
+  (kernels.resolve: UsageError where it cannot run). Shapes as attend()."""
+  name = kernels.resolve(implementation, q.dtype, max(q.shape[-1], v.shape[-1]), q.shape[1],
+                         k.shape[1])
+  if name == 'reference':
+    return attend(q, k, v, mask, scale)
+  if name in ('xla', 'cudnn'):
+    return kernels.fused(q, k, v, mask, scale, name)
+  return kernels.splash_attention(q, k, v, mask, scale,
+                                  interpret=kernels.target_platform() != 'tpu')

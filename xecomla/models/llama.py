@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from xecomla.models import kvcache
-from xecomla.models.attention import attend
+from xecomla.models.attention import dot_product
 from xecomla.models.config import LlamaConfig
 from xecomla.models.layers import apply_rope, param, rope_inv_freq
 
@@ -54,5 +54,8 @@ class Attention(nnx.Module):
     if cache is not None:
       cache = {'k': kvcache.write(cache['k'], k, index), 'v': kvcache.write(cache['v'], v, index)}
       k, v = cache['k'].astype(dt), cache['v'].astype(dt)
-    out = attend(q, k, v, mask, 1.0 / math.sqrt(c.head_dim))
+    # With a cache (T new tokens against S slots, the mask from the cache's positions) the
+    # reference path: splash's row-index causality does not hold there, and decode reads the cache.
+    out = dot_product(q, k, v, mask, 1.0 / math.sqrt(c.head_dim),
+                      'reference' if cache is not None else self.attention)
     return jnp.einsum('BTNH,NHD->BTD', out, self.o[...].astype(dt)), cache
