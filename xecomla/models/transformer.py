@@ -2,6 +2,14 @@
 
 One class serves teacher and student: a `LlamaConfig` builds Llama attention, an `MLAConfig` builds
 the teacher's architecture with every attention block replaced by Multi-head Latent Attention.
+
+Blocks whose shapes all agree (every Llama; an MLA student with the same ranks and RoPE pairs in
+every layer) can run under one `lax.scan`, so the block is traced and compiled once instead of once
+per layer. The parameter tree stays per layer (`params['layers'][l]`, what checkpoints, conversion,
+export and sharding rules read): the forward pass stacks the layers' weights leafwise and scans a
+pure block function over them. That stacked copy (and the stacked gradient) is the price, in
+temporaries and copies each step; `benchmarks/compile_time.py` measures whether the shorter
+trace pays for it.
 """
 
 from __future__ import annotations
@@ -17,6 +25,26 @@ from xecomla.models.config import LlamaConfig, MLAConfig
 from xecomla.models.layers import MLP, Embed, RMSNorm, param
 from xecomla.models.llama import Attention
 from xecomla.models.mla import MLAAttention
+
+# Rematerialisation of each block in the backward pass, by name (config `train.remat`).
+# 'full' keeps only the block's inputs and recomputes everything. 'dots_saveable' keeps the outputs
+# of the matmuls without batch dimensions, i.e. every product with a weight (x W: [B, T, D],
+# [B, T, N, H], [B, T, F]), and recomputes the batched ones, the attention scores and P V
+# ([B, N, T, S], batch dims B and the heads): jax's `dots_saveable` would keep those too, and they
+# are the part of a block's activations that grows with the sequence squared.
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def uniform_layers(config: LlamaConfig | MLAConfig) -> bool:
+  """Whether every block has the same parameter shapes and RoPE frequencies (so one traced block
+  serves all): always for a Llama; for MLA when r_kv, r_q and rope_pairs agree across layers."""
+  if isinstance(config, MLAConfig):
+    return all(len(set(getattr(config, f))) == 1 for f in ('r_kv', 'r_q', 'rope_pairs'))
+  return True
 
 
 class Block(nnx.Module):
@@ -44,7 +72,9 @@ class Transformer(nnx.Module):
 
   remat: rematerialisation policy of each block in the backward pass ('none', 'full',
   'dots_saveable'; True = 'full'); attention: the attention implementation
-  (`models.attention.IMPLEMENTATIONS`); scan_layers: run identical blocks under one scan.
+  (`models.attention.IMPLEMENTATIONS`); scan_layers: run the blocks under one lax.scan when they
+  share shapes (`uniform_layers`) and no cache is given (a decode step keeps the Python loop:
+  it is cheap to trace and updates each layer's cache in place); otherwise a loop.
   """
 
   def __init__(self, config: LlamaConfig | MLAConfig, *, dtype=jnp.float32,
@@ -53,6 +83,8 @@ class Transformer(nnx.Module):
     self.config = config
     self.dtype = dtype
     self.remat = {True: 'full', False: 'none'}.get(remat, remat)
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'remat={remat!r} is not one of {tuple(REMAT_POLICIES)}')
     self.attention = attention
     self.scan_layers = scan_layers
     llama = config.llama if isinstance(config, MLAConfig) else config
@@ -82,21 +114,17 @@ class Transformer(nnx.Module):
       segment_ids = jnp.ones((b, t), jnp.int32)
     chex.assert_shape([positions, segment_ids], (b, t))
     x = self.embed(tokens)
+    index = None
     if cache is None:
       mask = attention_mask(positions, segment_ids, positions, segment_ids)
     else:
       index = cache.index
       cache = cache.extend(positions, segment_ids)
       mask = attention_mask(positions, segment_ids, cache.positions, cache.segment_ids)
-    hidden, new_layers = [], []
-    for l, block in enumerate(self.layers):
-      call = nnx.remat(block.__class__.__call__) if self.remat != 'none' else block.__class__.__call__
-      x, layer_cache = call(block, x, positions, mask,
-                            None if cache is None else cache.layers[l],
-                            None if cache is None else index)
-      new_layers.append(layer_cache)
-      if return_hidden:
-        hidden.append(x)
+    if cache is None and self.scan_layers and len(self.layers) > 1 and uniform_layers(self.config):
+      x, hidden = self._scan_blocks(x, positions, mask, return_hidden)
+    else:
+      x, hidden, new_layers = self._loop_blocks(x, positions, mask, cache, index, return_hidden)
     x = self.final_norm(x)
     if cache is not None:
       cache = cache.replace(layers=tuple(new_layers), index=index + t)
@@ -105,6 +133,40 @@ class Transformer(nnx.Module):
       out = self.head(x)
       chex.assert_shape(out, (b, t, self.llama.vocab_size))
     return (out, cache, hidden) if return_hidden else (out, cache)
+
+  def _loop_blocks(self, x, positions, mask, cache, index, return_hidden):
+    policy = REMAT_POLICIES[self.remat]
+    call = Block.__call__ if self.remat == 'none' else nnx.remat(Block.__call__, policy=policy)
+    hidden, new_layers = [], []
+    for l, block in enumerate(self.layers):
+      x, layer_cache = call(block, x, positions, mask,
+                            None if cache is None else cache.layers[l], index)
+      new_layers.append(layer_cache)
+      if return_hidden:
+        hidden.append(x)
+    return x, hidden, new_layers
+
+  def _scan_blocks(self, x, positions, mask, return_hidden):
+    """The blocks under one lax.scan: block 0's structure merged with each layer's weights
+    (stacked leafwise here, [L, ...]); per-layer outputs come back as the scan's ys."""
+    graph = nnx.graphdef(self.layers[0])
+    stacked = jax.tree.map(lambda *ws: jnp.stack([self._narrow(w) for w in ws]),
+                           *(nnx.state(b) for b in self.layers))
+
+    def body(h, weights):
+      h, _ = nnx.merge(graph, weights)(h, positions, mask)
+      return h, (h if return_hidden else None)
+
+    if self.remat != 'none':  # prevent_cse is not needed under scan (jax.checkpoint's docs)
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+    x, ys = jax.lax.scan(body, x, stacked)
+    return x, ([ys[l] for l in range(len(self.layers))] if return_hidden else [])
+
+  def _narrow(self, w: jax.Array) -> jax.Array:
+    """A block weight in the compute dtype when that is narrower: blocks use every weight cast to
+    it (`p[...].astype(dtype)`), so casting before the stack gives the same values and halves the
+    stacked copy of float32 weights under bfloat16 compute."""
+    return w.astype(self.dtype) if jnp.dtype(w.dtype).itemsize > jnp.dtype(self.dtype).itemsize else w
 
   def head(self, x: jax.Array) -> jax.Array:
     """Final-normed hidden states [..., T, D] -> float32 logits [..., T, V]."""
