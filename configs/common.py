@@ -135,7 +135,7 @@ def base_config() -> config_dict.ConfigDict:
 
   c.model = config_dict.ConfigDict()
   c.model.attention = 'auto'     # attention kernel: auto (per backend) | reference | xla | cudnn | splash
-  c.model.scan_layers = True     # one lax.scan over identical blocks (short compiles at 16-32 layers)
+  c.model.scan_layers = False    # one lax.scan over identical blocks: see benchmarks/BENCHMARKS.md (slower here)
 
   c.mesh = config_dict.ConfigDict()
   c.mesh.data = -1               # -1 = all devices not used by fsdp x tensor

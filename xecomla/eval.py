@@ -2,9 +2,11 @@
 
 The definition (README, "Evaluation"): a text file holds documents separated by `<|endoftext|>`;
 each document is stripped, encoded with BOS prepended and no EOS, and truncated so that at most
-`max_len` (the model's maximum length) tokens are predicted, each from a context of at most
-`max_len` tokens (i.e. to max_len + 1 tokens); the figure is the mean negative log-likelihood per predicted token over all
-documents (token-weighted), optionally over the first N documents only. A file that contains no
+`max_len` tokens are predicted, each from a context of at most `max_len` tokens (i.e. to
+max_len + 1 tokens), max_len = min(eval.max_len, the model's maximum length): a Llama-3 allows
+131,072 positions, and rows that long would need a [rows, T, T] mask and [rows, heads, T, T]
+scores. The figure is the mean negative log-likelihood per predicted token over all documents
+(token-weighted), optionally over the first N documents only. A file that contains no
 `<|endoftext|>` at all (e.g. tiny-shakespeare) is split into documents at blank lines.
 
 Documents are packed several to a row (positions restart, attention never crosses documents), so
@@ -199,11 +201,14 @@ def loglikelihoods(model, seqs_and_lengths, batch_rows: int = 16, bucket: int = 
   return out
 
 
-def multiple_choice(model, tokenizer, path: str, *, bos_id: int, batch_rows: int = 16) -> dict[str, Any]:
+def multiple_choice(model, tokenizer, path: str, *, bos_id: int, batch_rows: int = 16,
+                    max_len: int | None = None) -> dict[str, Any]:
   """acc: argmax of summed continuation log-likelihood; acc_norm: argmax of that divided by the
-  choice's length in characters (lm-evaluation-harness `multiple_choice`)."""
+  choice's length in characters (lm-evaluation-harness `multiple_choice`). Each request is cut on
+  the left to max_len + 1 tokens (max_len: at most the model's maximum length, its default)."""
   rows = read_mc(path)
-  reqs = continuation_requests(tokenizer, rows, bos_id, model.llama.max_seq_len)
+  max_len = min(max_len or model.llama.max_seq_len, model.llama.max_seq_len)
+  reqs = continuation_requests(tokenizer, rows, bos_id, max_len)
   lls = loglikelihoods(model, [(s, n) for _, _, s, n in reqs], batch_rows)
   per_row: dict[int, list[float]] = {}
   for (i, j, _, _), ll in zip(reqs, lls):

@@ -37,6 +37,9 @@ def validate(config, stages: list[str], workdir: str | None = None) -> None:
                'max_nonfinite'):
     if config.train[name] < 1:
       raise UsageError(f'train.{name}={config.train[name]} must be at least 1: raise it.')
+  if config.eval.max_len < 1:
+    raise UsageError(f'eval.max_len={config.eval.max_len} must be at least 1 (tokens predicted per '
+                     'document): raise it, e.g. to 2048.')
   if config.train.lr <= 0:
     raise UsageError(f'train.lr={config.train.lr} must be positive: raise it.')
   if workdir and os.path.exists(workdir) and not os.path.isdir(workdir):

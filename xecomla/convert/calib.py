@@ -8,6 +8,9 @@ backend; the default is bfloat16 on TPU and TF32 on recent GPUs, which would per
 Per-batch Grams are summed on the host in float64. Moving every batch's activations to the host
 to accumulate the products there in float64 would cost [rows, T, D] per layer in transfers; the
 float32 accumulation inside one batch (at most batch_rows * row_length tokens) is what remains.
+
+Rows are `row_length(mla.calib_len, max_seq_len)` tokens: a Llama-3 allows 131,072 positions, and
+one row that long would need a [T, T] mask and [heads, T, T] float32 scores per layer.
 """
 
 from __future__ import annotations
@@ -54,9 +57,15 @@ def attention_input_grams(llama: LlamaConfig, params: dict, seqs: list[list[int]
   return [t / count for t in total]
 
 
+def row_length(calib_len: int, max_seq_len: int) -> int:
+  """Tokens per calibration row: mla.calib_len, at most the model's maximum length."""
+  return min(calib_len, max_seq_len)
+
+
 def calibration_seqs(tokenizer, path: str, bos_id: int, max_len: int, docs: int,
                      tokens: int) -> list[list[int]]:
-  """Up to `docs` documents of `path`, encoded like evaluation text, capped at `tokens` in all."""
+  """Up to `docs` documents of `path`, encoded like evaluation text, each at most `max_len` tokens
+  (BOS included; the row length), capped at `tokens` in all."""
   seqs, used = [], 0
   for s in evaluation.encode_documents(tokenizer, evaluation.read_documents(path, docs), bos_id,
                                        max_len - 1):

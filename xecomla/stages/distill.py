@@ -69,6 +69,9 @@ def validate(config, workdir: str | None, teacher, stages: list[str]) -> None:
   if t.batch_size % t.accum:
     raise UsageError(f'train.batch_size={t.batch_size} is not divisible by train.accum={t.accum}: '
                      'change one of them.')
+  if d.loss_chunk < 0:
+    raise UsageError(f'distill.loss_chunk={d.loss_chunk} is negative: use 0 (whole rows) or a '
+                     'number of positions such as 512.')
   sharding.check_batch(t.batch_size // t.accum, mesh_of(config), 'train.batch_size / train.accum')
   if config.data.format == 'text':
     data_checks.check_text(config.data.train_path, 'data.train_path')
@@ -103,10 +106,10 @@ def run(config, workdir: str) -> dict[str, Any]:
   t_graph = transformer.graphdef(teacher_cfg, **model_kw)
   tx, lr_fn = optimizer(config, t.lr, t.steps)
   kd = steps.KDOptions(kl_weight=d.kl_weight, ce_weight=d.ce_weight, temperature=d.temperature,
-                       hidden_weight=d.hidden_weight)
+                       hidden_weight=d.hidden_weight, chunk=d.loss_chunk)
   trainer = steps.make_trainer(steps.kd_loss_fn(s_graph, t_graph, kd), tx, model_config=student_cfg,
                                frozen_config=teacher_cfg, mesh=mesh, accum=t.accum,
-                               trainable=t.trainable)
+                               trainable=t.trainable, frozen_dtype=wd.frozen_dtype(config))
   tokenizer = Tokenizer(source_dir)
   llama = student_cfg.llama
   dataset = data.train_dataset(config, tokenizer, llama.bos_id)
@@ -114,7 +117,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   if t.eval_every and config.eval.path:
     evaluate = evaluation.nll_evaluator(
         transformer.graphdef(student_cfg, **model_kw), tokenizer, config.eval.path,
-        max_docs=t.eval_docs, bos_id=llama.bos_id, max_len=llama.max_seq_len,
+        max_docs=t.eval_docs, bos_id=llama.bos_id,
+        max_len=min(config.eval.max_len, llama.max_seq_len),
         batch_rows=config.eval.batch_rows)
   spec = loop.LoopSpec(steps=t.steps, log_every=t.log_every, eval_every=t.eval_every,
                        ckpt_every=t.ckpt_every, keep=t.keep,

@@ -32,6 +32,12 @@ def mc_paths(config) -> list[str]:
   return paths
 
 
+def max_len(config, llama: LlamaConfig) -> int:
+  """Tokens predicted per document (and per multiple-choice request): eval.max_len, at most the
+  model's maximum length (131,072 for Llama-3.x; rows that long do not fit an accelerator)."""
+  return min(config.eval.max_len, llama.max_seq_len)
+
+
 def validate(config, workdir: str | None, teacher, stages: list[str]) -> None:
   """Every evaluation file exists and is usable: text with at least one document, well-formed
   multiple-choice rows (file and line named)."""
@@ -59,7 +65,7 @@ def evaluate_model(model, tokenizer: Tokenizer, config, teacher: LlamaConfig) ->
     if i and config.eval.extra_max_docs >= 0:
       max_docs = config.eval.extra_max_docs
     r = evaluation.evaluate_text(model, tokenizer, path, max_docs=max_docs or None,
-                                 bos_id=llama.bos_id, max_len=llama.max_seq_len,
+                                 bos_id=llama.bos_id, max_len=max_len(config, llama),
                                  batch_rows=config.eval.batch_rows)
     r['seconds'] = round(time.perf_counter() - t0, 2)
     texts[os.path.basename(path)] = r
@@ -69,8 +75,8 @@ def evaluate_model(model, tokenizer: Tokenizer, config, teacher: LlamaConfig) ->
   out['texts'] = texts
   tasks = {}
   for path in mc_paths(config):
-    tasks[os.path.basename(path)] = evaluation.multiple_choice(model, tokenizer, path,
-                                                               bos_id=llama.bos_id)
+    tasks[os.path.basename(path)] = evaluation.multiple_choice(
+        model, tokenizer, path, bos_id=llama.bos_id, max_len=max_len(config, llama))
   if tasks:
     out['tasks'] = tasks
   report = kvcache.kv_report(model.config, dtype_bytes=2, context=llama.max_seq_len,

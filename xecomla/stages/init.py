@@ -65,6 +65,9 @@ def check_mla(config, llama) -> upcycle.InitOptions:
                        f'{math.ceil(need / teacher * 1000) / 1000} (at most 1) or lower '
                        'mla.round_to.')
   if m.init == 'activation':
+    if m.calib_len < 2:
+      raise UsageError(f'mla.calib_len={m.calib_len} must be at least 2 (BOS and one token per '
+                       'calibration row): raise it, e.g. to 2048.')
     path = m.calib_path or config.data.train_path
     if not path or not os.path.exists(path):
       raise UsageError(f'mla.init=activation needs calibration text: {path!r} does not exist: set '
@@ -100,9 +103,10 @@ def run(config, workdir: str) -> dict[str, Any]:
     if not path or not os.path.exists(path):
       raise UsageError(f'mla.init=activation needs calibration text: {path!r} does not exist '
                        '(set mla.calib_path or data.train_path).')
-    seqs = calib.calibration_seqs(Tokenizer(directory), path, llama.bos_id, llama.max_seq_len,
+    row = calib.row_length(config.mla.calib_len, llama.max_seq_len)
+    seqs = calib.calibration_seqs(Tokenizer(directory), path, llama.bos_id, row,
                                   config.mla.calib_docs, config.mla.calib_tokens)
-    whiteners = calib.whiteners(calib.attention_input_grams(llama, params, seqs, llama.max_seq_len))
+    whiteners = calib.whiteners(calib.attention_input_grams(llama, params, seqs, row))
   try:
     student, student_params, report = upcycle.upcycle(llama, params, opts, whiteners=whiteners,
                                                       seed=config.seed)
