@@ -17,6 +17,12 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   "$venv/bin/python" -m pip install -q -e ".[test]"
   echo "$want" > "$stamp"
 fi
+# The test extra brings libtpu (for ahead-of-time TPU compiles); on a machine without an
+# accelerator, keep jax on the CPU so that it does not probe for a TPU at start-up.
+if [ -z "${JAX_PLATFORMS+x}" ] && ! ls /dev/accel* /dev/vfio/[0-9]* >/dev/null 2>&1 \
+    && ! command -v nvidia-smi >/dev/null 2>&1; then
+  export JAX_PLATFORMS=cpu
+fi
 py="$venv/bin/python"
 cmd="${1:-}"
 shift || true
