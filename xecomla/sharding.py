@@ -27,19 +27,16 @@ RULES: tuple[tuple[str, Any], ...] = (
     ('kv_heads', 'tensor'),
     ('mlp', 'tensor'),
     ('head_dim', None),
-    ('q_lora', None),
-    ('kv_lora', None),
+    ('q_lora', 'fsdp'),   # MLA up-projections [r_q | r_kv, heads, ...]: their rank dim carries
+    ('kv_lora', 'fsdp'),  # fsdp (down-projections already use it on embed, so stay as they are)
     ('qk_nope', None),
     ('qk_rope', None),
 )
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A (data, fsdp, tensor) mesh over `devices` (default all); data=-1 takes what is left, and so
-  does fsdp=-1 (then data=-1 means 1: every device not used by tensor shards the parameters)."""
-  devices = list(devices if devices is not None else jax.devices())
-  n = len(devices)
+def mesh_shape(n: int, data: int = -1, fsdp: int = 1, tensor: int = 1) -> dict[str, int]:
+  """The (data, fsdp, tensor) sizes for `n` devices: data=-1 takes what is left, and so does
+  fsdp=-1 (then data=-1 means 1: every device not used by tensor shards the parameters)."""
   if tensor < 1 or (data < 1 and data != -1) or (fsdp < 1 and fsdp != -1):
     raise UsageError(f'mesh sizes must be positive (data or fsdp may be -1): got data={data}, '
                      f'fsdp={fsdp}, tensor={tensor}.')
@@ -57,7 +54,15 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
   if data * fsdp * tensor != n:
     raise UsageError(f'mesh data={data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} '
                      f'devices, but {n} are available: set mesh.data=-1 or sizes whose product is {n}.')
-  grid = np.asarray(devices).reshape(data, fsdp, tensor)
+  return {'data': data, 'fsdp': fsdp, 'tensor': tensor}
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A (data, fsdp, tensor) mesh over `devices` (default all), sizes as `mesh_shape` gives them."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = mesh_shape(len(devices), data, fsdp, tensor)
+  grid = np.asarray(devices).reshape(tuple(sizes[a] for a in MESH_AXES))
   return jax.sharding.Mesh(grid, MESH_AXES,
                            axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
