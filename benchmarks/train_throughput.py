@@ -6,6 +6,10 @@ Llama-3.2-1B width with as many layers as the machine holds.
   python -m benchmarks.train_throughput --model=llama1b --layers=4 --batch=1 --seq_len=512
 
 Step times exclude the first (compiling) step; the median of --steps timed steps is reported.
+The step is built as the distill stage builds it from configs/common.py's defaults (attention
+kernel, layer scan, KD loss chunking, frozen-teacher dtype); model-FLOPs utilisation is the model
+FLOPs of the step (benchmarks/flops.py) per second against this machine's measured float32 matmul
+peak, taken in the same run.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks.common import print_machine
-from xecomla import sharding
+from benchmarks.flops import kd_step_flops, matmul_peak
+from configs.common import base_config
+from xecomla import sharding, workdir as wd
 from xecomla.convert.upcycle import InitOptions, upcycle
 from xecomla.models import transformer
 from xecomla.models.config import LlamaConfig
@@ -31,7 +37,9 @@ _LAYERS = flags.DEFINE_integer('layers', 4, 'Layers of the Llama-3.2-1B-width mo
 _BATCH = flags.DEFINE_integer('batch', 16, 'Sequences per step.')
 _SEQ = flags.DEFINE_integer('seq_len', 256, 'Tokens per sequence.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps.')
-_REMAT = flags.DEFINE_bool('remat', False, 'Rematerialise blocks in the backward pass.')
+_REMAT = flags.DEFINE_enum('remat', 'none', list(wd.REMAT), 'Remat policy of each block.')
+_ATTENTION = flags.DEFINE_string('attention', 'auto', 'Attention kernel (model.attention).')
+_SCAN = flags.DEFINE_bool('scan_layers', False, 'One scan over identical layers (model.scan_layers).')
 _DATA = flags.DEFINE_string('stories', '../shared/data/stories260K', 'stories260K folder.')
 _OUT = flags.DEFINE_string('out', '', 'Append the result as a JSON line to this file.')
 
@@ -60,10 +68,16 @@ def main(argv):
   teacher, t_params, student, s_params = models()
   n_params = sum(x.size for x in jax.tree.leaves(s_params))
   mesh = sharding.make_mesh(-1, 1, 1)
-  loss = steps.kd_loss_fn(transformer.graphdef(student, remat=_REMAT.value),
-                          transformer.graphdef(teacher), steps.KDOptions())
+  config = base_config()
+  config.model.attention, config.model.scan_layers = _ATTENTION.value, _SCAN.value
+  config.train.remat = _REMAT.value
+  loss = steps.kd_loss_fn(transformer.graphdef(student, **wd.model_kwargs(config, train=True)),
+                          transformer.graphdef(teacher, **wd.model_kwargs(config)),
+                          steps.KDOptions(chunk=config.distill.loss_chunk))
   trainer = steps.make_trainer(loss, optim.adamw(lr=1e-4, steps=100), model_config=student,
-                               frozen_config=teacher, mesh=mesh)
+                               frozen_config=teacher, mesh=mesh,
+                               frozen_dtype=wd.frozen_dtype(config))
+  t_params = jax.tree.map(lambda x: np.asarray(x).astype(wd.frozen_dtype(config)), t_params)
   state = trainer.init_state(jax.device_put(s_params, trainer.param_shardings))
   frozen = jax.device_put(t_params, trainer.frozen_shardings)
   del s_params, t_params
@@ -83,9 +97,14 @@ def main(argv):
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t0)
   step_s = statistics.median(times)
+  flops = kd_step_flops(student, teacher, b, t)
+  peak = matmul_peak()
   result = {'model': _MODEL.value, 'layers': student.n_layers, 'student_params': int(n_params),
-            'batch': b, 'seq_len': t, 'remat': _REMAT.value, 'first_step_s': round(compile_s, 2),
+            'batch': b, 'seq_len': t, 'remat': _REMAT.value, 'attention': _ATTENTION.value,
+            'scan_layers': _SCAN.value, 'first_step_s': round(compile_s, 2),
             'step_s': round(step_s, 4), 'tokens_per_s': round(b * t / step_s, 1),
+            'model_flops_per_step': flops, 'matmul_peak_flops': round(peak),
+            'mfu': round(flops / step_s / peak, 4),
             'peak_rss_gib': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2),
             'loss': float(m['loss']), 'machine': info}
   print(json.dumps({k: v for k, v in result.items() if k != 'machine'}))

@@ -111,6 +111,7 @@ def base_config() -> config_dict.ConfigDict:
   c.dpo.beta = 0.01
   c.dpo.steps = 100
   c.dpo.batch_size = 8
+  c.dpo.accum = 1                # micro-batches of pairs per step (gradient accumulation)
   c.dpo.lr = 5e-7
   c.dpo.max_len = 512
   c.dpo.max_prompt_len = 256

@@ -37,7 +37,10 @@ def get_base(arg, *, r_kv: int):
   c.distill.temperature = 1.0
   c.train.steps = a.steps
   c.train.batch_size = a.batch
-  c.train.accum = 4
+  # Planned with the TPU compiler (python -m xecomla.tools.plan, README "Planning a run"): on a
+  # v5e-16 the mesh is data 2 x fsdp 8 with no accumulation (4 rows of 2048 per device per step);
+  # on a v5e-64 (the 8B teacher) data 8 x fsdp 8, one row per device.
+  c.train.accum = 1
   c.train.seq_len = a.seq_len
   c.train.lr = a.lr
   c.train.warmup = 0.01
@@ -49,10 +52,16 @@ def get_base(arg, *, r_kv: int):
   c.data.train_path = os.environ.get('XECOMLA_SFT', '')  # chat JSONL ({"messages": [...]})
   c.dpo.path = os.environ.get('XECOMLA_PREFS', '')
   c.dpo.lr = 5e-7
+  # 64 pairs a step: 4 micro-steps of 16 pairs (one pair per device) on the v5e-16 of the 1B and
+  # 3B teachers, one step of 64 on the v5e-64 of the 8B teacher (the micro-batch must divide over
+  # data x fsdp).
+  c.dpo.batch_size = 64
+  c.dpo.accum = 1 if a.teacher == '8b' else 4
   c.dpo.beta = 0.01
   c.dpo.max_len = 2048
   c.dpo.max_prompt_len = 1024
   c.eval.path = os.environ.get('XECOMLA_EVAL_TEXT', '')
   c.eval.max_docs = 0
   c.mesh.data = -1
+  c.mesh.fsdp = 8
   return c

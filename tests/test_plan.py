@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from configs import r_kv_64
+from xecomla import sharding
 from xecomla.cli import UsageError
 from xecomla.convert.hf_config import llama_config_json
 from xecomla.models.config import LlamaConfig
@@ -42,7 +43,8 @@ def tiny_dir(tmp_path_factory):
 def tiny_overrides(path, batch=16, accum=2):
   return {'teacher.path': path, 'mla.r_kv': 16, 'mla.r_q': 32, 'mla.d_qk': 16, 'mla.d_r': 16,
           'train.seq_len': 64, 'train.batch_size': batch, 'train.accum': accum,
-          'dpo.max_len': 64, 'dpo.max_prompt_len': 32, 'dpo.batch_size': 8}
+          'dpo.max_len': 64, 'dpo.max_prompt_len': 32, 'dpo.batch_size': 8, 'dpo.accum': 1,
+          'mesh.fsdp': -1}
 
 
 def tiny_config(path, **kw):
@@ -124,8 +126,12 @@ def test_search_confirms_the_first_candidate_the_compiler_accepts(tiny_dir):
 
 
 def test_gpu_topologies_get_the_analytic_breakdown(tiny_dir):
-  out = plan.plan(tiny_config(tiny_dir), 'h100:8')
-  assert out['per_device_bytes'] is None and out['mesh'] == {'data': 8, 'fsdp': 1, 'tensor': 1}
+  config = tiny_config(tiny_dir)
+  out = plan.plan(config, 'h100:8')
+  m = config.mesh  # fsdp -1: every device
+  assert out['per_device_bytes'] is None
+  assert out['mesh'] == sharding.mesh_shape(8, m.data, m.fsdp, m.tensor) == {'data': 1, 'fsdp': 8,
+                                                                             'tensor': 1}
   assert out['hbm_bytes'] == 80 * 10 ** 9 and out['fits'] == (out['analytic']['total'] <= 80e9)
 
 
@@ -142,7 +148,7 @@ def test_plan_compiles_kd_and_dpo_for_v5e(tiny_dir, tmp_path):
   r = run_plan('--config=configs/r_kv_64.py', '--topology=v5e:2x2', f'--json={out_json}', *flags)
   assert r.returncode == 0, r.stderr[-3000:]
   p = json.loads(out_json.read_text())
-  assert p['topology'] == 'v5e:2x2' and p['mesh'] == {'data': 4, 'fsdp': 1, 'tensor': 1}
+  assert p['topology'] == 'v5e:2x2' and p['mesh'] == {'data': 1, 'fsdp': 4, 'tensor': 1}
   assert p['hbm_bytes'] == 16 * 2 ** 30 and p['step'] == 'kd'
   for kind in ('kd', 'dpo'):
     s = p['steps'][kind]

@@ -74,7 +74,8 @@ def dpo_trainer(config, student, mesh) -> steps.Trainer:
   graph = transformer.graphdef(student, **wd.model_kwargs(config, train=True))
   tx, _ = optimizer(config, d.lr, d.steps)
   return steps.make_trainer(steps.dpo_loss_fn(graph, d.beta), tx, model_config=student,
-                            frozen_config=student, mesh=mesh, trainable=config.train.trainable,
+                            frozen_config=student, mesh=mesh, accum=d.accum,
+                            trainable=config.train.trainable,
                             frozen_dtype=wd.frozen_dtype(config))
 
 

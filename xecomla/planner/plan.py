@@ -36,6 +36,9 @@ def check_config(config, kinds) -> None:
   if 'kd' in kinds and t.batch_size % t.accum:
     raise UsageError(f'train.batch_size={t.batch_size} is not divisible by '
                      f'train.accum={t.accum}: change one of them.')
+  if 'dpo' in kinds and d.batch_size % d.accum:
+    raise UsageError(f'dpo.batch_size={d.batch_size} is not divisible by dpo.accum={d.accum}: '
+                     'change one of them.')
   if 'dpo' in kinds and d.max_prompt_len >= d.max_len:
     raise UsageError(f'dpo.max_prompt_len ({d.max_prompt_len}) must be below dpo.max_len '
                      f'({d.max_len}): lower it.')
@@ -46,7 +49,7 @@ def batch_problem(kind: str, config, mesh: dict[str, int]) -> str | None:
   it: sharding.check_batch), or None. A plan reports it as a step that does not fit."""
   t = config.train
   rows, what = ((t.batch_size // t.accum, 'train.batch_size / train.accum') if kind == 'kd'
-                else (config.dpo.batch_size, 'dpo.batch_size'))
+                else (config.dpo.batch_size // config.dpo.accum, 'dpo.batch_size / dpo.accum'))
   try:
     sharding.check_batch(rows, analytic.abstract_mesh(mesh), what)
   except UsageError as e:
@@ -71,17 +74,17 @@ def step_shape(kind: str, config, models: dict, platform: str,
       frozen=models['teacher'] if kind == 'kd' else models['student'],
       frozen_itemsize=jnp.dtype(wd.frozen_dtype(config)).itemsize,
       compute_itemsize=jnp.dtype(wd.compute_dtype(config)).itemsize,
-      rows=t.batch_size if kind == 'kd' else d.batch_size, accum=t.accum if kind == 'kd' else 1,
+      rows=t.batch_size if kind == 'kd' else d.batch_size,
+      accum=t.accum if kind == 'kd' else d.accum,
       seq_len=seq, remat=wd.model_kwargs(config, train=True)['remat'],
       attention=attention_name(config, models['student'], seq, platform, mesh),
       chunk=config.distill.loss_chunk, trainable=t.trainable)
 
 
-def _with(config, mesh: dict[str, int], accum: int | None):
+def _with(config, mesh: dict[str, int], kind: str, accum: int):
   c = config.copy_and_resolve_references()
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh['data'], mesh['fsdp'], mesh['tensor']
-  if accum is not None:
-    c.train.accum = accum
+  (c.train if kind == 'kd' else c.dpo).accum = accum
   return c
 
 
@@ -91,7 +94,7 @@ def _compiler(kind: str, config, models: dict, topo: topology.Topology, log):
 
   def compile_fn(m, accum):
     log(f'compiling the {kind} step for {topo.name}, mesh {m}, accum {accum} ...')
-    r = aot.compile_kind(kind, _with(config, m, accum if kind == 'kd' else None), models,
+    r = aot.compile_kind(kind, _with(config, m, kind, accum), models,
                          aot.make_mesh(devices, m))
     log(f'  {"compiled" if r["compiled"] else "refused"} in {r["compile_seconds"]} s '
         f'(lowering {r["lower_seconds"]} s)')
@@ -131,7 +134,7 @@ def plan_kind(kind: str, config, models: dict, topo: topology.Topology, mesh: di
   out['suggestion'] = None
   if not out['fits']:
     out['suggestion'] = search.suggest(shape, topo.n_devices, mesh['tensor'], limit, terms,
-                                       measured, kind == 'kd', compile_fn, confirm)
+                                       measured, True, compile_fn, confirm)
   return out
 
 

@@ -28,7 +28,7 @@ def divisors(n: int) -> list[int]:
 
 def candidates(n_devices: int, rows: int, accum_free: bool) -> list[tuple[dict, int]]:
   """(mesh sizes, accum) pairs whose micro-batch divides over data x fsdp, for every tensor size;
-  accum stays 1 where the stage has no accumulation (DPO)."""
+  accum stays 1 where accum_free is False."""
   out = []
   for tensor in divisors(n_devices):
     for fsdp in divisors(n_devices // tensor):

@@ -65,7 +65,10 @@ def validate(config, workdir: str | None, teacher, stages: list[str]) -> None:
   if pairs <= d.eval_pairs + d.batch_size:
     raise UsageError(f'{d.path} has {pairs} pairs: too few for dpo.eval_pairs={d.eval_pairs} '
                      f'held out plus a batch of {d.batch_size}; lower them or add pairs.')
-  sharding.check_batch(d.batch_size, mesh_of(config), 'dpo.batch_size')
+  if d.accum < 1 or d.batch_size % d.accum:
+    raise UsageError(f'dpo.batch_size={d.batch_size} is not divisible by dpo.accum={d.accum}: '
+                     'change one of them.')
+  sharding.check_batch(d.batch_size // d.accum, mesh_of(config), 'dpo.batch_size / dpo.accum')
 
 
 def run(config, workdir: str) -> dict[str, Any]:
@@ -89,13 +92,13 @@ def run(config, workdir: str) -> dict[str, Any]:
                      f'held out plus a batch of {d.batch_size}.')
   train_pairs, eval_pairs = pairs[:len(pairs) - d.eval_pairs], pairs[len(pairs) - d.eval_pairs:]
   mesh = mesh_of(config)
-  sharding.check_batch(d.batch_size, mesh, 'dpo.batch_size')
+  sharding.check_batch(d.batch_size // d.accum, mesh, 'dpo.batch_size / dpo.accum')
   graphdef = transformer.graphdef(student_cfg, **train_kw)
   tx, lr_fn = optimizer(config, d.lr, d.steps)
   frozen_dtype = wd.frozen_dtype(config)
   trainer = steps.make_trainer(steps.dpo_loss_fn(graphdef, d.beta), tx, model_config=student_cfg,
-                               frozen_config=student_cfg, mesh=mesh, trainable=t.trainable,
-                               frozen_dtype=frozen_dtype)
+                               frozen_config=student_cfg, mesh=mesh, accum=d.accum,
+                               trainable=t.trainable, frozen_dtype=frozen_dtype)
   # The held-out rewards are measured against the reference the policy trains against: the
   # same parameters in the same storage dtype.
   reference = jax.tree.map(lambda x: np.asarray(x).astype(frozen_dtype, copy=False), params)
