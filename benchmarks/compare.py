@@ -64,7 +64,7 @@ def main(argv):
     tps = statistics.median(r['tokens_per_s'] for r in results)
     rows[side] = {'side': side, 'commit': _BASE.value if side == 'base' else 'HEAD+tree',
                   'tokens_per_s': tps, 'mfu': round(flops / (tokens / tps) / peak, 4),
-                  'first_step_s': statistics.median(r['first_step_s'] for r in results),
+                  'first_step_s': round(statistics.median(r['first_step_s'] for r in results), 2),
                   'peak_rss_gib': max(r['peak_rss_gib'] for r in results),
                   'runs': [r['tokens_per_s'] for r in results]}
   print(f"model={this['model']} layers={this['layers']} batch={this['batch']} "

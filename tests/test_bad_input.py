@@ -100,6 +100,17 @@ def test_mla_settings_that_do_not_fit_the_teacher(capsys, workdir, fields, messa
   assert message in run_config(capsys, workdir, setter(**fields))
 
 
+@pytest.mark.parametrize('fields,stages,message', [
+    (dict(model__attention='flash'), 'init', "model.attention='flash' is not known"),
+    (dict(train__remat='some'), 'init', "train.remat='some' is not known"),
+    (dict(train__frozen_dtype='float16'), 'init', "train.frozen_dtype 'float16' is not supported"),
+    (dict(eval__max_len=0), 'init', 'eval.max_len=0 must be at least 1'),
+    (dict(distill__loss_chunk=-1), 'distill', 'distill.loss_chunk'),
+])
+def test_scale_settings_that_are_not_known(capsys, workdir, fields, stages, message):
+  assert message in run_config(capsys, workdir, setter(**fields), stages)
+
+
 def test_kd_teacher_with_another_vocabulary(capsys, workdir, hf_dirs):
   last = run_config(capsys, workdir, setter(distill__teacher_path=hf_dirs[0]), 'distill')
   assert 'has a vocabulary of 97 tokens, the student 512: choose a teacher' in last
