@@ -309,6 +309,9 @@ def test_cli_unknown_config_field(tmp_path):
   assert last == ("error: unknown config field 'mla.no_such_field' (from "
                   "--config.mla.no_such_field=1): fix its name; --show_config lists every field")
   assert not w.exists()
+  last = run_main(f'--workdir={w}', '--config.mesh.fsdpp=1')  # a near miss: ml_collections' hint
+  assert last == ("error: unknown config field 'mesh.fsdpp' (from --config.mesh.fsdpp=1): fix its "
+                  'name (Did you mean "fsdp" instead of "fsdpp"?); --show_config lists every field')
 
 
 def test_cli_truncated_safetensors_teacher(tmp_path, hf_dirs, workdir):

@@ -35,15 +35,19 @@ def one_line(e: Exception) -> str:
 def _flag_error(argv: list[str], e: Exception) -> str:
   """One line for a flag that could not be parsed; an unknown config field is named with the
   override that asked for it."""
-  key = str(e.args[0] if e.args else e).strip('\'"')
+  inner = e.args[0] if e.args else e
+  text = str(inner.args[0] if isinstance(inner, Exception) and inner.args else inner)
+  key = text.splitlines()[0].strip('\'"\\') if text.strip() else text  # ml_collections adds
+  hint = ' '.join(line.strip() for line in text.splitlines()[1:] if line.strip())  # 'Did you mean'
+  hint = f' ({hint})' if hint else ''
   if isinstance(e, (AttributeError, KeyError)):
     for arg in argv[1:]:
       name = arg.lstrip('-').split('=', 1)[0]
       if name.startswith('config.') and key in name.split('.'):
         field = name[len('config.'):]
-        return (f'unknown config field {field!r} (from {arg}): fix its name; '
+        return (f'unknown config field {field!r} (from {arg}): fix its name{hint}; '
                 f'--show_config lists every field')
-    return f'unknown config field {key!r}: fix its name; --show_config lists every field'
+    return f'unknown config field {key!r}: fix its name{hint}; --show_config lists every field'
   return f'{one_line(e)}: fix the flag (--helpfull lists them; --show_config lists the config fields)'
 
 
