@@ -46,10 +46,10 @@ def get_base(arg, *, r_kv: int):
   c.train.warmup = 0.01
   c.train.b2 = 0.999
   c.train.remat = 'full'
-  # One scan over the 16 identical blocks: for the TPU compiler, the v5e-16 KD step at fsdp 16 with
-  # 4 micro-steps needs 6.91 GiB per device and compiles in 53 s, against 14.49 GiB and 189 s
-  # unrolled (remat works across a scan body; on CPU the scan measured slower, so the base keeps
-  # it off).
+  # One scan over the 16 identical blocks. For the TPU compiler (experiments/paper_plans): at the
+  # shipped v5e-16 mesh the KD step needs 10.00 GiB per device scanned and 8.94 GiB unrolled, and
+  # compiles faster scanned; at fsdp 16 with 4 micro-steps 6.91 against 14.49 GiB (53 s against
+  # 189 s). On CPU the scan measured slower, so the base config keeps it off.
   c.model.scan_layers = True
   c.train.ckpt_every = 1000
   c.train.eval_every = 1000
