@@ -15,6 +15,7 @@ from xecomla import data, data_checks, eval as evaluation, sharding, workdir as 
 from xecomla.cli import UsageError
 from xecomla.convert import hf
 from xecomla.models import transformer
+from xecomla.stages import evaluate
 from xecomla.tokenizer import Tokenizer
 from xecomla.train import loop, optim, steps
 
@@ -118,7 +119,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     evaluate = evaluation.nll_evaluator(
         transformer.graphdef(student_cfg, **model_kw), tokenizer, config.eval.path,
         max_docs=t.eval_docs, bos_id=llama.bos_id,
-        max_len=min(config.eval.max_len, llama.max_seq_len),
+        max_len=evaluate.max_len(config, llama),
         batch_rows=config.eval.batch_rows)
   spec = loop.LoopSpec(steps=t.steps, log_every=t.log_every, eval_every=t.eval_every,
                        ckpt_every=t.ckpt_every, keep=t.keep,
