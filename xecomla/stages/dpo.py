@@ -95,13 +95,12 @@ def run(config, workdir: str) -> dict[str, Any]:
   sharding.check_batch(d.batch_size // d.accum, mesh, 'dpo.batch_size / dpo.accum')
   graphdef = transformer.graphdef(student_cfg, **train_kw)
   tx, lr_fn = optimizer(config, d.lr, d.steps)
-  frozen_dtype = wd.frozen_dtype(config)
   trainer = steps.make_trainer(steps.dpo_loss_fn(graphdef, d.beta), tx, model_config=student_cfg,
                                frozen_config=student_cfg, mesh=mesh, accum=d.accum,
-                               trainable=t.trainable, frozen_dtype=frozen_dtype)
+                               trainable=t.trainable, frozen_dtype=wd.frozen_dtype(config))
   # The held-out rewards are measured against the reference the policy trains against: the
   # same parameters in the same storage dtype.
-  reference = jax.tree.map(lambda x: np.asarray(x).astype(frozen_dtype, copy=False), params)
+  reference = trainer.put_frozen(params)
   evaluate = reward_evaluator(transformer.graphdef(student_cfg, **model_kw), reference, eval_pairs,
                               d.beta) if d.eval_pairs else None
   before = evaluate(params) if evaluate else {}
