@@ -67,8 +67,8 @@ def student(per_layer: bool, latent_norm: bool, r_q):
 def test_absorbed_decode_equals_explicit_path_at_every_position(per_layer, latent_norm, r_q):
   cfg, p = student(per_layer, latent_norm, r_q)
   t = tokens(t=80)
-  full, _ = transformer.from_params(cfg, p, mla_mode='explicit')(t)
-  model = transformer.from_params(cfg, p)  # auto: absorbed whenever a cache is used
+  full, _ = transformer.from_params(cfg, p, mla_mode='expand')(t)
+  model = transformer.from_params(cfg, p)  # auto: absorbed when decoding one token at a time
   graphdef, state = nnx.split(model)
 
   @jax.jit
@@ -82,7 +82,7 @@ def test_absorbed_decode_equals_explicit_path_at_every_position(per_layer, laten
     logits.append(out)
   within(jnp.abs(jnp.concatenate(logits, 1) - full).max(), bound(cfg, full, 80))
   # A whole-prompt pass in absorbed mode agrees too.
-  absorbed, _ = transformer.from_params(cfg, p, mla_mode='absorbed')(t)
+  absorbed, _ = transformer.from_params(cfg, p, mla_mode='absorb')(t)
   within(jnp.abs(absorbed - full).max(), bound(cfg, full, 80))
 
 
@@ -91,7 +91,7 @@ def test_naive_decode_from_the_latent_cache_agrees():
   t = tokens(t=24)
   full, _ = transformer.from_params(cfg, p)(t)
   cache = kvcache.init_cache(cfg, 2, 32)
-  naive, _ = transformer.from_params(cfg, p, mla_mode='explicit')(t, cache=cache)
+  naive, _ = transformer.from_params(cfg, p, mla_mode='expand')(t, cache=cache)
   within(jnp.abs(naive - full).max(), bound(cfg, full, 24))
 
 
@@ -114,13 +114,13 @@ def test_cache_holds_only_latent_and_shared_rope_key():
   cfg, p = student(True, False, 12)
   out = generate.generate(transformer.from_params(cfg, p), [[1, 2, 3]], 5)
   cache = out['cache']
+  slots = generate.MIN_BUCKET + 5  # the prompt's bucket, then the new tokens
   assert len(cache.layers) == cfg.n_layers
-  for l, layer in enumerate(cache.layers):
-    assert set(layer) == {'c_kv', 'k_r'}
-    assert layer['c_kv'].shape == (1, 8, cfg.r_kv[l]) and layer['k_r'].shape == (1, 8, cfg.d_r)
+  for l, layer in enumerate(cache.layers):  # one fused [c_kv | k_r] row per token
+    assert set(layer) == {'latent'} and layer['latent'].shape == (1, slots, cfg.r_kv[l] + cfg.d_r)
   per_token = [cfg.r_kv[l] + cfg.d_r for l in range(cfg.n_layers)]
   assert kvcache.cache_values_per_token(cache) == per_token == kvcache.values_per_token(cfg)
-  assert kvcache.cache_bytes(cache) == 4 * 8 * sum(per_token)          # float32, 8 slots
+  assert kvcache.cache_bytes(cache) == 4 * slots * sum(per_token)      # float32
   bf16 = kvcache.init_cache(cfg, 3, 10, jnp.bfloat16)
   assert kvcache.cache_bytes(bf16) == 2 * 3 * 10 * sum(per_token)
   assert cfg.kv_values_per_token() == sum(per_token)
@@ -151,9 +151,9 @@ def test_all_rope_student_has_no_nope_weights_and_decodes_exactly(tmp_path):
                                                rope_key='fit', round_to=1))
   assert cfg.d_qk == 0 and 'uk' not in p['layers'][0]['attn'] and 'uq' not in p['layers'][0]['attn']
   t = tokens(t=24)
-  full, _ = transformer.from_params(cfg, p, mla_mode='explicit')(t)
+  full, _ = transformer.from_params(cfg, p, mla_mode='expand')(t)
   cache = kvcache.init_cache(cfg, 2, 32)
-  absorbed, _ = transformer.from_params(cfg, p)(t, cache=cache)
+  absorbed, _ = transformer.from_params(cfg, p, mla_mode='absorb')(t, cache=cache)
   within(jnp.abs(absorbed - full).max(), bound(cfg, full, 24))
   from xecomla import ckpt  # orbax refuses zero-size arrays: there must be none
   cks = ckpt.StageCheckpoints(str(tmp_path / 'ck'), async_save=False)

@@ -3,7 +3,15 @@
 A `Cache` is a pytree: one dict of arrays per layer, plus the positions and segment ids of the
 cached tokens and the next slot to write. The teacher caches post-RoPE keys and values,
 {'k': [B, L, n_kv, d_h], 'v': [B, L, n_kv, d_h]}; the MLA student caches only the latent and the
-shared rotated RoPE key, {'c_kv': [B, L, r_kv], 'k_r': [B, L, d_r]}.
+shared rotated RoPE key, fused in one buffer per layer as DeepSeek's FlashMLA lays it out,
+{'latent': [B, L, r_kv + d_r]} = [c_kv | k_r], so that absorbed decode scores a query against it
+in one contraction.
+
+The cache dtype (`CACHE_DTYPES`): 'auto' is the compute dtype; float32 / bfloat16 store values as
+they are; 'int8' and 'float8_e4m3fn' (MLA only) store each token's fused row quantised with one
+per-token scale, {'latent': int8 [B, L, C], 'scale': bfloat16 [B, L]}: row ~= latent * scale, with
+scale = max|row| / 127 (448 for e4m3, its largest finite value). The attention applies the scale to
+the scores and the weights (`models.mla`), so the cache is never dequantised as a whole.
 """
 
 from __future__ import annotations
@@ -18,6 +26,10 @@ import numpy as np
 from xecomla.models.config import LlamaConfig, MLAConfig
 
 ModelConfig = LlamaConfig | MLAConfig
+
+CACHE_DTYPES = ('auto', 'float32', 'bfloat16', 'int8', 'float8_e4m3fn')
+QUANTISED = {'int8': 127.0, 'float8_e4m3fn': 448.0}  # largest value each stores
+SCALE_DTYPE = jnp.bfloat16
 
 
 @flax.struct.dataclass
@@ -38,24 +50,79 @@ class Cache:
         segment_ids=write(self.segment_ids, segment_ids.astype(jnp.int32), self.index))
 
 
+def check_room(cache: Cache, new_tokens: int) -> None:
+  """ValueError when writing `new_tokens` at the cache's next slot would run past its end (XLA's
+  dynamic_update_slice would clamp the start and overwrite the last slots silently). Checks a
+  concrete index only: jitted callers (`generate.prefill`, `generate.decode`) check before they
+  dispatch."""
+  if isinstance(cache.index, jax.core.Tracer):
+    return
+  end = int(cache.index) + new_tokens
+  if end > cache.length:
+    raise ValueError(f'the cache holds {cache.length} tokens and {int(cache.index)} are written: '
+                     f'{new_tokens} more do not fit; allocate a longer cache (init_cache length).')
+
+
 def write(buffer: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
   """Writes new [B, T, ...] into buffer [B, L, ...] at slots [index, index + T)."""
   return jax.lax.dynamic_update_slice_in_dim(buffer, new.astype(buffer.dtype), index, axis=1)
 
 
+def quantise(rows: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+  """rows [B, T, C] -> (values [B, T, C] in `dtype`, scale [B, T] in SCALE_DTYPE), one scale per
+  row: rows ~= values * scale. The scale is rounded to its storage dtype first and the values
+  divided by the rounded scale, so the stored pair dequantises consistently."""
+  top = QUANTISED[jnp.dtype(dtype).name]
+  amax = jnp.max(jnp.abs(rows.astype(jnp.float32)), axis=-1)
+  scale = (amax / top).astype(SCALE_DTYPE)
+  s = jnp.where(scale > 0, scale.astype(jnp.float32), 1.0)
+  q = jnp.clip(rows.astype(jnp.float32) / s[..., None], -top, top)
+  if jnp.issubdtype(dtype, jnp.integer):
+    q = jnp.round(q)
+  return q.astype(dtype), scale
+
+
+def write_latent(layer: dict[str, jax.Array], rows: jax.Array, index: jax.Array) -> dict[str, jax.Array]:
+  """An MLA layer's cache with the fused rows [B, T, r_kv + d_r] written at slots [index, +T),
+  quantised when the cache holds a scale."""
+  if 'scale' not in layer:
+    return {'latent': write(layer['latent'], rows, index)}
+  values, scale = quantise(rows, layer['latent'].dtype)
+  return {'latent': write(layer['latent'], values, index), 'scale': write(layer['scale'], scale, index)}
+
+
+def storage_dtype(config: ModelConfig, dtype: Any, compute_dtype: Any = jnp.float32) -> Any:
+  """The dtype of the cache's value arrays for a `CACHE_DTYPES` name (or a dtype)."""
+  name = jnp.dtype(compute_dtype).name if str(dtype) == 'auto' else jnp.dtype(dtype).name
+  if name not in CACHE_DTYPES:
+    raise ValueError(f'cache dtype {dtype!r} is not one of {CACHE_DTYPES}')
+  if name in QUANTISED and not isinstance(config, MLAConfig):
+    raise ValueError(f'a {name} cache quantises the MLA latent: a Llama (GQA) cache stores float32 '
+                     f'or bfloat16; pick one of those for the teacher.')
+  return jnp.dtype(name)
+
+
 def layer_token_shapes(config: ModelConfig) -> list[dict[str, tuple[int, ...]]]:
-  """Per layer, the shape of what one token adds to each cache array."""
+  """Per layer, the shape of what one token adds to each cache array (values only; a quantised
+  cache adds one scale per token)."""
   if isinstance(config, MLAConfig):
-    return [{'c_kv': (config.r_kv[l],), 'k_r': (config.d_r,)} for l in range(config.n_layers)]
+    return [{'latent': (config.r_kv[l] + config.d_r,)} for l in range(config.n_layers)]
   kv = (config.n_kv_heads, config.head_dim)
   return [{'k': kv, 'v': kv} for _ in range(config.n_layers)]
 
 
-def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any = jnp.float32) -> Cache:
-  """An empty cache for `batch` rows of up to `length` tokens."""
-  layers = tuple({name: jnp.zeros((batch, length) + shape, dtype) for name, shape in layer.items()}
-                 for layer in layer_token_shapes(config))
-  return Cache(layers=layers,
+def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any = jnp.float32,
+               compute_dtype: Any = jnp.float32) -> Cache:
+  """An empty cache for `batch` rows of up to `length` tokens; `dtype` a dtype or a CACHE_DTYPES
+  name ('auto' = compute_dtype)."""
+  dtype = storage_dtype(config, dtype, compute_dtype)
+  layers = []
+  for layer in layer_token_shapes(config):
+    arrays = {name: jnp.zeros((batch, length) + shape, dtype) for name, shape in layer.items()}
+    if dtype.name in QUANTISED:
+      arrays['scale'] = jnp.zeros((batch, length), SCALE_DTYPE)
+    layers.append(arrays)
+  return Cache(layers=tuple(layers),
                positions=jnp.zeros((batch, length), jnp.int32),
                segment_ids=jnp.zeros((batch, length), jnp.int32),
                index=jnp.zeros((), jnp.int32))

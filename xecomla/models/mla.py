@@ -7,11 +7,19 @@ Row-vector notation, H the normed input [T, D], per layer:
   C^KV = H W^DKV (r_kv)                  K^R = RoPE(H W^KR) (d_r, shared by all heads)
   K^C = C^KV W^UK (n_h x d_qk)           V = C^KV W^UV (n_h x d_v)
   head i: softmax([Q^C_i, Q^R_i] . [K^C_i, K^R] / sqrt(d_qk + d_r)) V_i, then W^O.
-Optional RMSNorm on C^Q and C^KV (`latent_norm`). The cache holds C^KV and the rotated K^R only.
+Optional RMSNorm on C^Q and C^KV (`latent_norm`). The cache holds C^KV and the rotated K^R only,
+fused per token as one row [C^KV | K^R] (kvcache: FlashMLA's layout).
 
-Absorbed decode never forms K^C or V: the no-RoPE query is mapped into latent space,
-q_lat_i = Q^C_i W^UK_i^T, scored against cached C^KV, and the attention-weighted latent is
-up-projected once by W^UV_i.
+Two ways to attend (`MODES`), named for what they do:
+  'expand': up-project K^C and V from C^KV and attend per head (training and prefill; with a cache
+            this re-expands every cached token at every step: the naive decode, as MaxText and
+            transformers' DeepSeek code decode);
+  'absorb': never form K^C or V. The no-RoPE query is mapped into latent space,
+            q_lat_i = Q^C_i W^UK_i^T, and [q_lat_i | Q^R_i] is scored against the fused cached rows
+            in one contraction; the attention-weighted rows are up-projected once by W^UV_i.
+            Per head this reads r_kv + d_r values per cached token instead of 2 d_h per KV head,
+            for (r_kv + d_r) / (d_qk + d_r) more score FLOPs: decode trades cache bytes for FLOPs.
+'auto' absorbs when decoding (a cache and one new token) and expands otherwise.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from xecomla.models.config import MLAConfig
 from xecomla.models.layers import RMSNorm, apply_rope, param
 from xecomla.models.llama import teacher_inv_freq
 
-MODES = ('auto', 'explicit', 'absorbed')
+MODES = ('auto', 'expand', 'absorb')
 
 
 def mla_inv_freq(config: MLAConfig, layer: int) -> np.ndarray:
@@ -45,8 +53,7 @@ def mla_inv_freq(config: MLAConfig, layer: int) -> np.ndarray:
 
 
 class MLAAttention(nnx.Module):
-  """One layer's MLA. `mode`: 'auto' (absorbed with a cache, explicit without), 'explicit' (always
-  up-project K and V, also from the cache: the naive decode), or 'absorbed' (always absorb)."""
+  """One layer's MLA; `mode` one of MODES (module docstring)."""
 
   def __init__(self, config: MLAConfig, layer: int, *, dtype=jnp.float32, rngs: nnx.Rngs | None,
                mode: str = 'auto', attention: str = 'reference'):
@@ -100,21 +107,17 @@ class MLAAttention(nnx.Module):
     k_r = apply_rope(jnp.einsum('BTD,DH->BTH', x, self._w(self.kr)), positions, inv_freq)
     chex.assert_shape(c_kv, (b, t, c.r_kv[self.layer]))
     chex.assert_shape(k_r, (b, t, c.d_r))
-    if cache is not None:
-      cache = {'c_kv': kvcache.write(cache['c_kv'], c_kv, index),
-               'k_r': kvcache.write(cache['k_r'], k_r, index)}
-      c_kv, k_r = cache['c_kv'].astype(dt), cache['k_r'].astype(dt)
     scale = 1.0 / math.sqrt(c.d_qk + c.d_r)
-    absorbed = self.mode == 'absorbed' or (self.mode == 'auto' and cache is not None)
-    if absorbed:
-      scores = jnp.einsum('BTNH,BSH->BNTS', q_r, k_r, preferred_element_type=jnp.float32)
-      if c.d_qk:
-        q_lat = jnp.einsum('BTNH,RNH->BTNR', q_c, self._w(self.uk))
-        scores = scores + jnp.einsum('BTNR,BSR->BNTS', q_lat, c_kv,
-                                     preferred_element_type=jnp.float32)
-      probs = masked_softmax(scores * scale, mask[:, None])
-      o_lat = jnp.einsum('BNTS,BSR->BTNR', probs.astype(dt), c_kv)
-      out = jnp.einsum('BTNR,RNH->BTNH', o_lat, self._w(self.uv))
+    absorb = self.mode == 'absorb' or (self.mode == 'auto' and cache is not None and t == 1)
+    if cache is not None:
+      cache = kvcache.write_latent(cache, jnp.concatenate([c_kv, k_r], axis=-1), index)
+      if not absorb:  # the naive decode (or a prefill): the whole cache, dequantised
+        rows = cache['latent'].astype(dt)
+        if 'scale' in cache:
+          rows = rows * cache['scale'].astype(dt)[..., None]
+        c_kv, k_r = rows[..., :c.r_kv[self.layer]], rows[..., c.r_kv[self.layer]:]
+    if absorb:
+      out = self._absorbed(q_c, q_r, c_kv, k_r, cache, mask, scale)
     else:
       s = c_kv.shape[1]
       v = jnp.einsum('BSR,RNH->BSNH', c_kv, self._w(self.uv))
@@ -136,3 +139,26 @@ class MLAAttention(nnx.Module):
         out = dot_product(q, k, v, mask, scale, name)
     chex.assert_shape(out, (b, t, n, c.d_v))
     return jnp.einsum('BTNH,NHD->BTD', out, self._w(self.o)), cache
+
+  def _absorbed(self, q_c, q_r, c_kv, k_r, cache, mask, scale):
+    """Absorbed attention over the fused rows [c_kv | k_r]: the cache's (possibly quantised) rows
+    when there is a cache, else this call's own. Returns [B, T, N, d_v]."""
+    c, dt, r_kv = self.config, self.dtype, self.config.r_kv[self.layer]
+    if cache is None:
+      rows, row_scale = jnp.concatenate([c_kv, k_r], axis=-1), None
+    else:
+      rows, row_scale = cache['latent'].astype(dt), cache.get('scale')
+    query, score_rows = q_r, rows[..., r_kv:]  # every query dim RoPE (d_qk 0): the k_r part only
+    if c.d_qk:
+      q_lat = jnp.einsum('BTNH,RNH->BTNR', q_c, self._w(self.uk))
+      query, score_rows = jnp.concatenate([q_lat, q_r], axis=-1), rows
+    scores = jnp.einsum('BTNC,BSC->BNTS', query, score_rows, preferred_element_type=jnp.float32)
+    if row_scale is not None:  # a quantised row times its scale: scale the scores instead
+      scores = scores * row_scale.astype(jnp.float32)[:, None, None, :]
+    probs = masked_softmax(scores * scale, mask[:, None])
+    if row_scale is not None:
+      probs = probs * row_scale.astype(jnp.float32)[:, None, None, :]
+    # Weighted sum over the whole fused rows, then the latent part (a [B, T, N, r_kv + d_r] result):
+    # slicing the cache instead would copy it every step.
+    o_lat = jnp.einsum('BNTS,BSC->BTNC', probs.astype(dt), rows)[..., :r_kv]
+    return jnp.einsum('BTNR,RNH->BTNH', o_lat, self._w(self.uv))

@@ -118,6 +118,7 @@ class Transformer(nnx.Module):
     if cache is None:
       mask = attention_mask(positions, segment_ids, positions, segment_ids)
     else:
+      kvcache.check_room(cache, t)
       index = cache.index
       cache = cache.extend(positions, segment_ids)
       mask = attention_mask(positions, segment_ids, cache.positions, cache.segment_ids)
