@@ -131,6 +131,8 @@ def base_config() -> config_dict.ConfigDict:
   c.eval.batch_rows = 16
   c.eval.max_len = 2048          # predicted tokens per document: min(this, the model's maximum length)
   c.eval.sample_tokens = 40      # greedy sample length from BOS (0 = none)
+  c.eval.cache_dtype = ''        # also the NLL decoded token by token through a cache of this dtype
+                                 # (auto|float32|bfloat16|int8|float8_e4m3fn; '' = not measured)
   c.eval.memory_gb = 16.0        # KV report: the longest context whose cache fits this memory
   c.eval.teacher = True          # also evaluate the teacher (False: the student only)
 

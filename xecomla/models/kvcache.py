@@ -82,13 +82,26 @@ def quantise(rows: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
   return q.astype(dtype), scale
 
 
-def write_latent(layer: dict[str, jax.Array], rows: jax.Array, index: jax.Array) -> dict[str, jax.Array]:
-  """An MLA layer's cache with the fused rows [B, T, r_kv + d_r] written at slots [index, +T),
-  quantised when the cache holds a scale."""
+def write_latent(layer: dict[str, jax.Array], c_kv: jax.Array, k_r: jax.Array,
+                 index: jax.Array) -> dict[str, jax.Array]:
+  """An MLA layer's cache with the fused rows [c_kv | k_r] ([B, T, r_kv + d_r]) written at slots
+  [index, index + T), each part quantised with its own scale when the cache holds scales."""
   if 'scale' not in layer:
-    return {'latent': write(layer['latent'], rows, index)}
-  values, scale = quantise(rows, layer['latent'].dtype)
-  return {'latent': write(layer['latent'], values, index), 'scale': write(layer['scale'], scale, index)}
+    return {'latent': write(layer['latent'], jnp.concatenate([c_kv, k_r], axis=-1), index)}
+  (qc, sc), (qr, sr) = (quantise(part, layer['latent'].dtype) for part in (c_kv, k_r))
+  return {'latent': write(layer['latent'], jnp.concatenate([qc, qr], axis=-1), index),
+          'scale': write(layer['scale'], jnp.stack([sc, sr], axis=-1), index)}
+
+
+def read_latent(layer: dict[str, jax.Array], r_kv: int, dtype: Any) -> tuple[jax.Array, jax.Array]:
+  """(c_kv [B, L, r_kv], k_r [B, L, d_r]) dequantised in `dtype`: the whole cache re-read, which
+  the expanding (naive) path needs; absorbed decode reads the stored values (`models.mla`)."""
+  rows = layer['latent'].astype(dtype)
+  c_kv, k_r = rows[..., :r_kv], rows[..., r_kv:]
+  if 'scale' in layer:
+    scale = layer['scale'].astype(dtype)
+    c_kv, k_r = c_kv * scale[..., 0:1], k_r * scale[..., 1:2]
+  return c_kv, k_r
 
 
 def storage_dtype(config: ModelConfig, dtype: Any, compute_dtype: Any = jnp.float32) -> Any:
@@ -97,7 +110,7 @@ def storage_dtype(config: ModelConfig, dtype: Any, compute_dtype: Any = jnp.floa
   if name not in CACHE_DTYPES:
     raise ValueError(f'cache dtype {dtype!r} is not one of {CACHE_DTYPES}')
   if name in QUANTISED and not isinstance(config, MLAConfig):
-    raise ValueError(f'a {name} cache quantises the MLA latent: a Llama (GQA) cache stores float32 '
+    raise ValueError(f'cache dtype {name} quantises the MLA latent; a Llama (GQA) cache stores float32 '
                      f'or bfloat16; pick one of those for the teacher.')
   return jnp.dtype(name)
 
@@ -120,7 +133,7 @@ def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any = jnp.fl
   for layer in layer_token_shapes(config):
     arrays = {name: jnp.zeros((batch, length) + shape, dtype) for name, shape in layer.items()}
     if dtype.name in QUANTISED:
-      arrays['scale'] = jnp.zeros((batch, length), SCALE_DTYPE)
+      arrays['scale'] = jnp.zeros((batch, length, 2), SCALE_DTYPE)
     layers.append(arrays)
   return Cache(layers=tuple(layers),
                positions=jnp.zeros((batch, length), jnp.int32),

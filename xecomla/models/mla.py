@@ -110,12 +110,9 @@ class MLAAttention(nnx.Module):
     scale = 1.0 / math.sqrt(c.d_qk + c.d_r)
     absorb = self.mode == 'absorb' or (self.mode == 'auto' and cache is not None and t == 1)
     if cache is not None:
-      cache = kvcache.write_latent(cache, jnp.concatenate([c_kv, k_r], axis=-1), index)
+      cache = kvcache.write_latent(cache, c_kv, k_r, index)
       if not absorb:  # the naive decode (or a prefill): the whole cache, dequantised
-        rows = cache['latent'].astype(dt)
-        if 'scale' in cache:
-          rows = rows * cache['scale'].astype(dt)[..., None]
-        c_kv, k_r = rows[..., :c.r_kv[self.layer]], rows[..., c.r_kv[self.layer]:]
+        c_kv, k_r = kvcache.read_latent(cache, c.r_kv[self.layer], dt)
     if absorb:
       out = self._absorbed(q_c, q_r, c_kv, k_r, cache, mask, scale)
     else:
@@ -148,17 +145,23 @@ class MLAAttention(nnx.Module):
       rows, row_scale = jnp.concatenate([c_kv, k_r], axis=-1), None
     else:
       rows, row_scale = cache['latent'].astype(dt), cache.get('scale')
-    query, score_rows = q_r, rows[..., r_kv:]  # every query dim RoPE (d_qk 0): the k_r part only
-    if c.d_qk:
-      q_lat = jnp.einsum('BTNH,RNH->BTNR', q_c, self._w(self.uk))
-      query, score_rows = jnp.concatenate([q_lat, q_r], axis=-1), rows
-    scores = jnp.einsum('BTNC,BSC->BNTS', query, score_rows, preferred_element_type=jnp.float32)
-    if row_scale is not None:  # a quantised row times its scale: scale the scores instead
-      scores = scores * row_scale.astype(jnp.float32)[:, None, None, :]
+    q_lat = jnp.einsum('BTNH,RNH->BTNR', q_c, self._w(self.uk)) if c.d_qk else None
+    f32 = jnp.float32
+    if row_scale is None:  # one contraction of [q_lat | q_r] against the fused rows
+      query, score_rows = (q_r, rows[..., r_kv:]) if q_lat is None else (
+          jnp.concatenate([q_lat, q_r], axis=-1), rows)
+      scores = jnp.einsum('BTNC,BSC->BNTS', query, score_rows, preferred_element_type=f32)
+    else:  # each part's stored values against its query, times the part's per-token scale
+      s_c, s_r = (row_scale[..., i].astype(f32)[:, None, None, :] for i in (0, 1))
+      scores = s_r * jnp.einsum('BTNH,BSH->BNTS', q_r, rows[..., r_kv:], preferred_element_type=f32)
+      if q_lat is not None:
+        scores += s_c * jnp.einsum('BTNR,BSR->BNTS', q_lat, rows[..., :r_kv],
+                                   preferred_element_type=f32)
     probs = masked_softmax(scores * scale, mask[:, None])
-    if row_scale is not None:
-      probs = probs * row_scale.astype(jnp.float32)[:, None, None, :]
-    # Weighted sum over the whole fused rows, then the latent part (a [B, T, N, r_kv + d_r] result):
-    # slicing the cache instead would copy it every step.
-    o_lat = jnp.einsum('BNTS,BSC->BTNC', probs.astype(dt), rows)[..., :r_kv]
+    if row_scale is None:
+      # Weighted sum over the whole fused rows, then the latent part ([B, T, N, r_kv + d_r]):
+      # a slice of the cache as the operand would be a copy of it every step.
+      o_lat = jnp.einsum('BNTS,BSC->BTNC', probs.astype(dt), rows)[..., :r_kv]
+    else:
+      o_lat = jnp.einsum('BNTS,BSR->BTNR', (probs * s_c).astype(dt), rows[..., :r_kv])
     return jnp.einsum('BTNR,RNH->BTNH', o_lat, self._w(self.uv))

@@ -9,10 +9,10 @@ import time
 from typing import Any
 
 from xecomla import eval as evaluation
-from xecomla import data_checks, fileio, generate, workdir as wd
+from xecomla import cache_eval, data_checks, fileio, generate, workdir as wd
 from xecomla.cli import UsageError
 from xecomla.models import kvcache, transformer
-from xecomla.models.config import LlamaConfig
+from xecomla.models.config import LlamaConfig, MLAConfig
 from xecomla.tokenizer import Tokenizer
 
 
@@ -38,9 +38,21 @@ def max_len(config, llama: LlamaConfig) -> int:
   return min(config.eval.max_len, llama.max_seq_len)
 
 
+def cache_dtype(config, model_config) -> str:
+  """eval.cache_dtype for this model ('' = no evaluation through the cache): a quantised (MLA
+  latent) dtype is for the student; the teacher's GQA cache then stays in the compute dtype."""
+  name = config.eval.cache_dtype
+  if name in kvcache.QUANTISED and not isinstance(model_config, MLAConfig):
+    return 'auto'
+  return name
+
+
 def validate(config, workdir: str | None, teacher, stages: list[str]) -> None:
   """Every evaluation file exists and is usable: text with at least one document, well-formed
-  multiple-choice rows (file and line named)."""
+  multiple-choice rows (file and line named); eval.cache_dtype is a cache format."""
+  if config.eval.cache_dtype not in ('',) + kvcache.CACHE_DTYPES:
+    raise UsageError(f'eval.cache_dtype={config.eval.cache_dtype!r} is not one of '
+                     f"{('',) + kvcache.CACHE_DTYPES}: '' skips the NLL through the decode cache.")
   for p in text_paths(config):
     data_checks.check_text(p, 'eval.path' if p == config.eval.path else 'eval.extra_paths')
   for p in mc_paths(config):
@@ -67,6 +79,11 @@ def evaluate_model(model, tokenizer: Tokenizer, config, teacher: LlamaConfig) ->
     r = evaluation.evaluate_text(model, tokenizer, path, max_docs=max_docs or None,
                                  bos_id=llama.bos_id, max_len=max_len(config, llama),
                                  batch_rows=config.eval.batch_rows)
+    if i == 0 and cache_dtype(config, model.config):  # the same documents, token by token
+      seqs = evaluation.encode_documents(tokenizer, evaluation.read_documents(path, max_docs or None),
+                                         llama.bos_id, max_len(config, llama))
+      r['through_cache'] = cache_eval.nll_through_cache(
+          model, seqs, cache_dtype=cache_dtype(config, model.config), batch_rows=config.eval.batch_rows)
     r['seconds'] = round(time.perf_counter() - t0, 2)
     texts[os.path.basename(path)] = r
   if texts:
@@ -85,7 +102,8 @@ def evaluate_model(model, tokenizer: Tokenizer, config, teacher: LlamaConfig) ->
   out['kv_report'] = report
   if config.eval.sample_tokens:
     g = generate.generate(model, [[llama.bos_id]], min(config.eval.sample_tokens,
-                                                        llama.max_seq_len - 1))
+                                                        llama.max_seq_len - 1),
+                          cache_dtype=cache_dtype(config, model.config) or 'auto')
     out['sample_ids'] = [llama.bos_id] + g['tokens'][0]
     out['sample'] = tokenizer.decode(out['sample_ids'])
   return out

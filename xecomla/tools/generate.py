@@ -16,7 +16,7 @@ from absl import app, flags
 from xecomla import generate, workdir as wd
 from xecomla.cli import UsageError, fail_cleanly
 from xecomla.convert import hf
-from xecomla.models import transformer
+from xecomla.models import kvcache, transformer
 from xecomla.tokenizer import Tokenizer
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A run: its latest student is used.')
@@ -29,6 +29,9 @@ _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass.')
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'Top-k sampling (0 = off).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _REPEAT = flags.DEFINE_integer('repeat', 1, 'Generate this many times; time the last.')
+_CACHE = flags.DEFINE_enum('cache_dtype', 'auto', list(kvcache.CACHE_DTYPES),
+                           'Decode cache format (auto = the compute dtype; int8 / float8_e4m3fn '
+                           'quantise a student\'s latent with per-token scales).')
 
 
 def load(workdir, model_dir, teacher):
@@ -58,15 +61,20 @@ def main(argv):
   model = transformer.from_params(config, params)
   tokenizer = Tokenizer(tok_dir)
   prompt = [model.llama.bos_id] + tokenizer.encode(_PROMPT.value)
+  try:
+    kvcache.storage_dtype(model.config, _CACHE.value)
+  except ValueError as e:
+    raise UsageError(f'--cache_dtype: {e}') from e
   sampling = generate.Sampling(_TEMPERATURE.value, _TOP_P.value, _TOP_K.value)
   for _ in range(_REPEAT.value):
     out = generate.generate(model, [prompt], _MAX_NEW.value, sampling=sampling, seed=_SEED.value,
-                            eos_id=model.llama.eos_id)
+                            eos_id=model.llama.eos_id, cache_dtype=_CACHE.value)
   ids = out['tokens'][0]
   print(tokenizer.decode(prompt + ids))
   print(f"\n[{len(prompt)} prompt tokens: {len(prompt) / out['prefill_s']:.1f} tokens/s prefill; "
         f"{_MAX_NEW.value} decode steps: {_MAX_NEW.value / out['decode_s']:.1f} tokens/s; "
-        f"cache {model.config.kv_values_per_token()} values per token]")
+        f"cache {model.config.kv_values_per_token()} values per token, "
+        f"{kvcache.cache_bytes(out['cache']) // out['cache'].length} bytes per token ({_CACHE.value})]")
 
 if __name__ == '__main__':
   app.run(main)
