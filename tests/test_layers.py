@@ -102,7 +102,7 @@ def test_attention_never_crosses_segments():
 
 def test_cache_shapes_and_accounting():
   cache = kvcache.init_cache(CFG, 3, 16, jnp.bfloat16)
-  assert cache.layers[0]['k'].shape == (3, 16, 2, 8)
+  assert cache.layers[0]['k'].shape == (3, 2, 16, 8)  # heads-major
   assert kvcache.cache_values_per_token(cache) == kvcache.values_per_token(CFG) == [32, 32]
   assert kvcache.cache_bytes(cache) == 2 * 2 * 3 * 16 * 32
   r = kvcache.kv_report(CFG, dtype_bytes=2, context=100, memory_bytes=64000, teacher=CFG)

@@ -49,6 +49,19 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: flo
   return out.reshape(b, t, n, v.shape[-1])
 
 
+def attend_cached(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+  """attend() against a heads-major cache: q [B, T, N, H], k [B, K, S, H], v [B, K, S, Hv], mask
+  [B, T, S] -> [B, T, N, Hv]. The reference einsums (a decode step reads the cache; splash's
+  row-index causality does not hold for T new tokens against S cached slots)."""
+  b, t, n, h = q.shape
+  kv_heads = k.shape[1]
+  q = q.reshape(b, t, kv_heads, n // kv_heads, h)
+  scores = jnp.einsum('BTKGH,BKSH->BKGTS', q, k, preferred_element_type=jnp.float32) * scale
+  probs = masked_softmax(scores, mask[:, None, None])
+  out = jnp.einsum('BKGTS,BKSH->BTKGH', probs.astype(v.dtype), v)
+  return out.reshape(b, t, n, v.shape[-1])
+
+
 def attend_shared_rope(q_c: jax.Array | None, k_c: jax.Array | None, q_r: jax.Array,
                        k_r: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
   """MLA's explicit attention with the RoPE key shared by all heads, never broadcast per head.

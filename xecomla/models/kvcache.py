@@ -1,8 +1,10 @@
 """Decode caches and their accounting.
 
 A `Cache` is a pytree: one dict of arrays per layer, plus the positions and segment ids of the
-cached tokens and the next slot to write. The teacher caches post-RoPE keys and values,
-{'k': [B, L, n_kv, d_h], 'v': [B, L, n_kv, d_h]}; the MLA student caches only the latent and the
+cached tokens and the next slot to write. The teacher caches post-RoPE keys and values heads-major,
+{'k': [B, n_kv, L, d_h], 'v': [B, n_kv, L, d_h]} (as Hugging Face's cache: each KV head's keys are
+contiguous, so a decode step's dots stream them; token-major [B, L, n_kv, d_h] measured 3x slower
+for the attention at 16k tokens on XLA:CPU, which transposes it every step); the MLA student caches only the latent and the
 shared rotated RoPE key, fused in one buffer per layer as DeepSeek's FlashMLA lays it out,
 {'latent': [B, L, r_kv + d_r]} = [c_kv | k_r], so that absorbed decode scores a query against it
 in one contraction.
@@ -63,9 +65,10 @@ def check_room(cache: Cache, new_tokens: int) -> None:
                      f'{new_tokens} more do not fit; allocate a longer cache (init_cache length).')
 
 
-def write(buffer: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
-  """Writes new [B, T, ...] into buffer [B, L, ...] at slots [index, index + T)."""
-  return jax.lax.dynamic_update_slice_in_dim(buffer, new.astype(buffer.dtype), index, axis=1)
+def write(buffer: jax.Array, new: jax.Array, index: jax.Array, axis: int = 1) -> jax.Array:
+  """Writes new [B, T, ...] into buffer [B, L, ...] at slots [index, index + T) (the token axis
+  `axis` of both)."""
+  return jax.lax.dynamic_update_slice_in_dim(buffer, new.astype(buffer.dtype), index, axis=axis)
 
 
 def quantise(rows: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
@@ -124,6 +127,12 @@ def layer_token_shapes(config: ModelConfig) -> list[dict[str, tuple[int, ...]]]:
   return [{'k': kv, 'v': kv} for _ in range(config.n_layers)]
 
 
+def _zeros(batch: int, length: int, name: str, shape: tuple[int, ...], dtype) -> jax.Array:
+  if name in ('k', 'v'):  # heads-major: [B, n_kv, L, d_h]
+    return jnp.zeros((batch, shape[0], length) + shape[1:], dtype)
+  return jnp.zeros((batch, length) + shape, dtype)
+
+
 def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any = jnp.float32,
                compute_dtype: Any = jnp.float32) -> Cache:
   """An empty cache for `batch` rows of up to `length` tokens; `dtype` a dtype or a CACHE_DTYPES
@@ -131,7 +140,7 @@ def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any = jnp.fl
   dtype = storage_dtype(config, dtype, compute_dtype)
   layers = []
   for layer in layer_token_shapes(config):
-    arrays = {name: jnp.zeros((batch, length) + shape, dtype) for name, shape in layer.items()}
+    arrays = {name: _zeros(batch, length, name, shape, dtype) for name, shape in layer.items()}
     if dtype.name in QUANTISED:
       arrays['scale'] = jnp.zeros((batch, length, 2), SCALE_DTYPE)
     layers.append(arrays)
@@ -147,8 +156,9 @@ def values_per_token(config: ModelConfig) -> list[int]:
 
 
 def cache_values_per_token(cache: Cache) -> list[int]:
-  """The same count read off real cache arrays (shape [B, L, ...] per array)."""
-  return [sum(int(np.prod(a.shape[2:])) for a in layer.values()) for layer in cache.layers]
+  """The same count read off real cache arrays (a quantised cache's scales included)."""
+  b, length = cache.positions.shape
+  return [sum(a.size // (b * length) for a in layer.values()) for layer in cache.layers]
 
 
 def cache_bytes(cache: Cache) -> int:

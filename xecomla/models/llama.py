@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from xecomla.models import kvcache
-from xecomla.models.attention import dot_product
+from xecomla.models.attention import attend_cached, dot_product
 from xecomla.models.config import LlamaConfig
 from xecomla.models.layers import apply_rope, param, rope_inv_freq
 
@@ -51,11 +51,11 @@ class Attention(nnx.Module):
     k = apply_rope(jnp.einsum('BTD,DKH->BTKH', x, self.k[...].astype(dt)), positions, inv_freq)
     v = jnp.einsum('BTD,DKH->BTKH', x, self.v[...].astype(dt))
     chex.assert_shape(q, (*x.shape[:2], c.n_heads, c.head_dim))
-    if cache is not None:
-      cache = {'k': kvcache.write(cache['k'], k, index), 'v': kvcache.write(cache['v'], v, index)}
-      k, v = cache['k'].astype(dt), cache['v'].astype(dt)
-    # With a cache (T new tokens against S slots, the mask from the cache's positions) the
-    # reference path: splash's row-index causality does not hold there, and decode reads the cache.
-    out = dot_product(q, k, v, mask, 1.0 / math.sqrt(c.head_dim),
-                      'reference' if cache is not None else self.attention)
+    scale = 1.0 / math.sqrt(c.head_dim)
+    if cache is None:
+      out = dot_product(q, k, v, mask, scale, self.attention)
+    else:  # the cache is heads-major [B, K, S, H] (kvcache); T new tokens against its S slots
+      cache = {name: kvcache.write(cache[name], x.transpose(0, 2, 1, 3), index, axis=2)
+               for name, x in (('k', k), ('v', v))}
+      out = attend_cached(q, cache['k'].astype(dt), cache['v'].astype(dt), mask, scale)
     return jnp.einsum('BTNH,NHD->BTD', out, self.o[...].astype(dt)), cache
