@@ -19,6 +19,18 @@ from flax import nnx
 Dtype = Any
 
 
+def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """jnp.einsum with the result in the operands' dtype. On CPU a bfloat16 product is written as
+  float32-accumulated and then rounded: XLA:CPU computes a bf16 x bf16 -> bf16 dot by converting
+  both operands to float32 copies first (every weight and the whole cache, at each decode step),
+  while bf16 x bf16 -> f32 runs on the bf16 operands directly (BENCHMARKS.md, "Decode"). The same
+  arithmetic either way; other backends keep the plain product (its backward stays in bf16)."""
+  from xecomla.models.kernels import target_platform
+  if a.dtype == jnp.bfloat16 and target_platform() == 'cpu':
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(a.dtype)
+  return jnp.einsum(spec, a, b)
+
+
 def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str], *, init: str = 'normal',
           fan_in: int | None = None, dtype: Dtype = jnp.float32) -> nnx.Param:
   """A parameter of `shape` tagged with its logical `axes`.
@@ -135,6 +147,6 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = self.dtype
-    g = jnp.einsum('BTD,DF->BTF', x, self.gate[...].astype(dt))
-    u = jnp.einsum('BTD,DF->BTF', x, self.up[...].astype(dt))
-    return jnp.einsum('BTF,FD->BTD', jax.nn.silu(g) * u, self.down[...].astype(dt))
+    g = einsum('BTD,DF->BTF', x, self.gate[...].astype(dt))
+    u = einsum('BTD,DF->BTF', x, self.up[...].astype(dt))
+    return einsum('BTF,FD->BTD', jax.nn.silu(g) * u, self.down[...].astype(dt))

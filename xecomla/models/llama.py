@@ -14,7 +14,7 @@ from flax import nnx
 from xecomla.models import kvcache
 from xecomla.models.attention import attend_cached, dot_product
 from xecomla.models.config import LlamaConfig
-from xecomla.models.layers import apply_rope, param, rope_inv_freq
+from xecomla.models.layers import apply_rope, einsum, param, rope_inv_freq
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,9 +47,9 @@ class Attention(nnx.Module):
     """x [B, T, D]; mask [B, T, S] over the T new tokens (no cache) or the cache's S slots."""
     c, dt = self.config, self.dtype
     inv_freq = teacher_inv_freq(c)
-    q = apply_rope(jnp.einsum('BTD,DNH->BTNH', x, self.q[...].astype(dt)), positions, inv_freq)
-    k = apply_rope(jnp.einsum('BTD,DKH->BTKH', x, self.k[...].astype(dt)), positions, inv_freq)
-    v = jnp.einsum('BTD,DKH->BTKH', x, self.v[...].astype(dt))
+    q = apply_rope(einsum('BTD,DNH->BTNH', x, self.q[...].astype(dt)), positions, inv_freq)
+    k = apply_rope(einsum('BTD,DKH->BTKH', x, self.k[...].astype(dt)), positions, inv_freq)
+    v = einsum('BTD,DKH->BTKH', x, self.v[...].astype(dt))
     chex.assert_shape(q, (*x.shape[:2], c.n_heads, c.head_dim))
     scale = 1.0 / math.sqrt(c.head_dim)
     if cache is None:
@@ -58,4 +58,4 @@ class Attention(nnx.Module):
       cache = {name: kvcache.write(cache[name], x.transpose(0, 2, 1, 3), index, axis=2)
                for name, x in (('k', k), ('v', v))}
       out = attend_cached(q, cache['k'].astype(dt), cache['v'].astype(dt), mask, scale)
-    return jnp.einsum('BTNH,NHD->BTD', out, self.o[...].astype(dt)), cache
+    return einsum('BTNH,NHD->BTD', out, self.o[...].astype(dt)), cache

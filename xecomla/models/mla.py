@@ -34,7 +34,7 @@ from flax import nnx
 from xecomla.models import kernels, kvcache
 from xecomla.models.attention import attend_shared_rope, dot_product, masked_softmax
 from xecomla.models.config import MLAConfig
-from xecomla.models.layers import RMSNorm, apply_rope, param
+from xecomla.models.layers import RMSNorm, apply_rope, einsum, param
 from xecomla.models.llama import teacher_inv_freq
 
 MODES = ('auto', 'expand', 'absorb')
@@ -95,16 +95,16 @@ class MLAAttention(nnx.Module):
     # Queries.
     cq = x
     if c.r_q[self.layer] is not None:
-      cq = jnp.einsum('BTD,DR->BTR', x, self._w(self.dq))
+      cq = einsum('BTD,DR->BTR', x, self._w(self.dq))
       if c.latent_norm:
         cq = self.q_norm(cq)
-    q_c = jnp.einsum('BTR,RNH->BTNH', cq, self._w(self.uq)) if c.d_qk else None
-    q_r = apply_rope(jnp.einsum('BTR,RNH->BTNH', cq, self._w(self.qr)), positions, inv_freq)
+    q_c = einsum('BTR,RNH->BTNH', cq, self._w(self.uq)) if c.d_qk else None
+    q_r = apply_rope(einsum('BTR,RNH->BTNH', cq, self._w(self.qr)), positions, inv_freq)
     # What gets cached: the latent and the shared rotated RoPE key.
-    c_kv = jnp.einsum('BTD,DR->BTR', x, self._w(self.dkv))
+    c_kv = einsum('BTD,DR->BTR', x, self._w(self.dkv))
     if c.latent_norm:
       c_kv = self.kv_norm(c_kv)
-    k_r = apply_rope(jnp.einsum('BTD,DH->BTH', x, self._w(self.kr)), positions, inv_freq)
+    k_r = apply_rope(einsum('BTD,DH->BTH', x, self._w(self.kr)), positions, inv_freq)
     chex.assert_shape(c_kv, (b, t, c.r_kv[self.layer]))
     chex.assert_shape(k_r, (b, t, c.d_r))
     scale = 1.0 / math.sqrt(c.d_qk + c.d_r)
@@ -117,8 +117,8 @@ class MLAAttention(nnx.Module):
       out = self._absorbed(q_c, q_r, c_kv, k_r, cache, mask, scale)
     else:
       s = c_kv.shape[1]
-      v = jnp.einsum('BSR,RNH->BSNH', c_kv, self._w(self.uv))
-      k_c = jnp.einsum('BSR,RNH->BSNH', c_kv, self._w(self.uk)) if c.d_qk else None
+      v = einsum('BSR,RNH->BSNH', c_kv, self._w(self.uv))
+      k_c = einsum('BSR,RNH->BSNH', c_kv, self._w(self.uk)) if c.d_qk else None
       # With a cache (the naive decode) the reference path, as in llama.Attention.
       name = 'reference' if cache is not None else kernels.resolve(
           self.attention, dt, max(c.d_qk + c.d_r, c.d_v), t, s)
@@ -135,7 +135,7 @@ class MLAAttention(nnx.Module):
           k, q = jnp.concatenate([k_c, k], axis=-1), jnp.concatenate([q_c, q_r], axis=-1)
         out = dot_product(q, k, v, mask, scale, name)
     chex.assert_shape(out, (b, t, n, c.d_v))
-    return jnp.einsum('BTNH,NHD->BTD', out, self._w(self.o)), cache
+    return einsum('BTNH,NHD->BTD', out, self._w(self.o)), cache
 
   def _absorbed(self, q_c, q_r, c_kv, k_r, cache, mask, scale):
     """Absorbed attention over the fused rows [c_kv | k_r]: the cache's (possibly quantised) rows
@@ -145,7 +145,7 @@ class MLAAttention(nnx.Module):
       rows, row_scale = jnp.concatenate([c_kv, k_r], axis=-1), None
     else:
       rows, row_scale = cache['latent'].astype(dt), cache.get('scale')
-    q_lat = jnp.einsum('BTNH,RNH->BTNR', q_c, self._w(self.uk)) if c.d_qk else None
+    q_lat = einsum('BTNH,RNH->BTNR', q_c, self._w(self.uk)) if c.d_qk else None
     f32 = jnp.float32
     if row_scale is None:  # one contraction of [q_lat | q_r] against the fused rows
       query, score_rows = (q_r, rows[..., r_kv:]) if q_lat is None else (
@@ -161,7 +161,7 @@ class MLAAttention(nnx.Module):
     if row_scale is None:
       # Weighted sum over the whole fused rows, then the latent part ([B, T, N, r_kv + d_r]):
       # a slice of the cache as the operand would be a copy of it every step.
-      o_lat = jnp.einsum('BNTS,BSC->BTNC', probs.astype(dt), rows)[..., :r_kv]
+      o_lat = einsum('BNTS,BSC->BTNC', probs.astype(dt), rows)[..., :r_kv]
     else:
-      o_lat = jnp.einsum('BNTS,BSR->BTNR', (probs * s_c).astype(dt), rows[..., :r_kv])
-    return jnp.einsum('BTNR,RNH->BTNH', o_lat, self._w(self.uv))
+      o_lat = einsum('BNTS,BSR->BTNR', (probs * s_c).astype(dt), rows[..., :r_kv])
+    return einsum('BTNR,RNH->BTNH', o_lat, self._w(self.uv))
