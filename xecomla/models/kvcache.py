@@ -32,6 +32,9 @@ ModelConfig = LlamaConfig | MLAConfig
 CACHE_DTYPES = ('auto', 'float32', 'bfloat16', 'int8', 'float8_e4m3fn')
 QUANTISED = {'int8': 127.0, 'float8_e4m3fn': 448.0}  # largest value each stores
 SCALE_DTYPE = jnp.bfloat16
+# float8 values are kept as their bits in uint8: XLA:CPU has no in-place update of an f8 array (the
+# compiled decode step converted the whole cache to f16 and back to write one token).
+AS_BITS = {'float8_e4m3fn': jnp.uint8}
 
 
 @flax.struct.dataclass
@@ -85,21 +88,32 @@ def quantise(rows: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
   return q.astype(dtype), scale
 
 
+def latent_values(layer: dict[str, jax.Array]) -> jax.Array:
+  """The stored latent rows in their value dtype (float8 viewed back from its uint8 bits)."""
+  rows = layer['latent']
+  if rows.dtype == jnp.uint8:
+    return jax.lax.bitcast_convert_type(rows, jnp.float8_e4m3fn)
+  return rows
+
+
 def write_latent(layer: dict[str, jax.Array], c_kv: jax.Array, k_r: jax.Array,
                  index: jax.Array) -> dict[str, jax.Array]:
   """An MLA layer's cache with the fused rows [c_kv | k_r] ([B, T, r_kv + d_r]) written at slots
   [index, index + T), each part quantised with its own scale when the cache holds scales."""
   if 'scale' not in layer:
     return {'latent': write(layer['latent'], jnp.concatenate([c_kv, k_r], axis=-1), index)}
-  (qc, sc), (qr, sr) = (quantise(part, layer['latent'].dtype) for part in (c_kv, k_r))
-  return {'latent': write(layer['latent'], jnp.concatenate([qc, qr], axis=-1), index),
+  (qc, sc), (qr, sr) = (quantise(part, latent_values(layer).dtype) for part in (c_kv, k_r))
+  values = jnp.concatenate([qc, qr], axis=-1)
+  if layer['latent'].dtype == jnp.uint8:
+    values = jax.lax.bitcast_convert_type(values, jnp.uint8)
+  return {'latent': write(layer['latent'], values, index),
           'scale': write(layer['scale'], jnp.stack([sc, sr], axis=-1), index)}
 
 
 def read_latent(layer: dict[str, jax.Array], r_kv: int, dtype: Any) -> tuple[jax.Array, jax.Array]:
   """(c_kv [B, L, r_kv], k_r [B, L, d_r]) dequantised in `dtype`: the whole cache re-read, which
   the expanding (naive) path needs; absorbed decode reads the stored values (`models.mla`)."""
-  rows = layer['latent'].astype(dtype)
+  rows = latent_values(layer).astype(dtype)
   c_kv, k_r = rows[..., :r_kv], rows[..., r_kv:]
   if 'scale' in layer:
     scale = layer['scale'].astype(dtype)
@@ -140,7 +154,8 @@ def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any = jnp.fl
   dtype = storage_dtype(config, dtype, compute_dtype)
   layers = []
   for layer in layer_token_shapes(config):
-    arrays = {name: _zeros(batch, length, name, shape, dtype) for name, shape in layer.items()}
+    stored = AS_BITS.get(dtype.name, dtype)
+    arrays = {name: _zeros(batch, length, name, shape, stored) for name, shape in layer.items()}
     if dtype.name in QUANTISED:
       arrays['scale'] = jnp.zeros((batch, length, 2), SCALE_DTYPE)
     layers.append(arrays)

@@ -144,7 +144,7 @@ class MLAAttention(nnx.Module):
     if cache is None:
       rows, row_scale = jnp.concatenate([c_kv, k_r], axis=-1), None
     else:
-      rows, row_scale = cache['latent'].astype(dt), cache.get('scale')
+      rows, row_scale = kvcache.latent_values(cache).astype(dt), cache.get('scale')
     q_lat = einsum('BTNH,RNH->BTNR', q_c, self._w(self.uk)) if c.d_qk else None
     f32 = jnp.float32
     if row_scale is None:  # one contraction of [q_lat | q_r] against the fused rows
