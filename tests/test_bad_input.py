@@ -106,6 +106,7 @@ def test_mla_settings_that_do_not_fit_the_teacher(capsys, workdir, fields, messa
     (dict(train__frozen_dtype='float16'), 'init', "train.frozen_dtype 'float16' is not supported"),
     (dict(eval__max_len=0), 'init', 'eval.max_len=0 must be at least 1'),
     (dict(distill__loss_chunk=-1), 'distill', 'distill.loss_chunk'),
+    (dict(eval__cache_dtype='int4'), 'eval', "eval.cache_dtype='int4' is not one of"),
 ])
 def test_scale_settings_that_are_not_known(capsys, workdir, fields, stages, message):
   assert message in run_config(capsys, workdir, setter(**fields), stages)
