@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 
 from xecomla.models import kernels
-from xecomla.models.layers import einsum
 
 # Attention kernels by name (config `model.attention`): `reference` is the einsum path below;
 # `xla`, `cudnn`, `splash` are in models.kernels; `auto` picks one per backend at trace time.
@@ -46,7 +45,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: flo
   q = q.reshape(b, t, kv_heads, n // kv_heads, h)
   scores = jnp.einsum('BTKGH,BSKH->BKGTS', q, k, preferred_element_type=jnp.float32) * scale
   probs = masked_softmax(scores, mask[:, None, None])
-  out = einsum('BKGTS,BSKH->BTKGH', probs.astype(v.dtype), v)
+  out = jnp.einsum('BKGTS,BSKH->BTKGH', probs.astype(v.dtype), v)
   return out.reshape(b, t, n, v.shape[-1])
 
 
@@ -59,7 +58,7 @@ def attend_cached(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, sca
   q = q.reshape(b, t, kv_heads, n // kv_heads, h)
   scores = jnp.einsum('BTKGH,BKSH->BKGTS', q, k, preferred_element_type=jnp.float32) * scale
   probs = masked_softmax(scores, mask[:, None, None])
-  out = einsum('BKGTS,BKSH->BTKGH', probs.astype(v.dtype), v)
+  out = jnp.einsum('BKGTS,BKSH->BTKGH', probs.astype(v.dtype), v)
   return out.reshape(b, t, n, v.shape[-1])
 
 
@@ -75,7 +74,7 @@ def attend_shared_rope(q_c: jax.Array | None, k_c: jax.Array | None, q_r: jax.Ar
   if q_c is not None:
     scores = scores + jnp.einsum('BTNH,BSNH->BNTS', q_c, k_c, preferred_element_type=jnp.float32)
   probs = masked_softmax(scores * scale, mask[:, None])
-  return einsum('BNTS,BSNH->BTNH', probs.astype(v.dtype), v)
+  return jnp.einsum('BNTS,BSNH->BTNH', probs.astype(v.dtype), v)
 
 
 def dot_product(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,

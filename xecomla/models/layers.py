@@ -20,13 +20,19 @@ Dtype = Any
 
 
 def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-  """jnp.einsum with the result in the operands' dtype. On CPU a bfloat16 product is written as
-  float32-accumulated and then rounded: XLA:CPU computes a bf16 x bf16 -> bf16 dot by converting
-  both operands to float32 copies first (every weight and the whole cache, at each decode step),
-  while bf16 x bf16 -> f32 runs on the bf16 operands directly (BENCHMARKS.md, "Decode"). The same
-  arithmetic either way; other backends keep the plain product (its backward stays in bf16)."""
+  """jnp.einsum of activations with a weight, the result in the operands' dtype. On CPU a
+  bfloat16 product is written as float32-accumulated and then rounded: XLA:CPU computes a
+  bf16 x bf16 -> bf16 dot by converting both operands to float32 copies first (every weight, at
+  each decode step), while its fused (YNNPACK) bf16 x bf16 -> f32 dot reads the bf16 weight
+  directly (BENCHMARKS.md, "Decode"). The same arithmetic either way; other backends keep the
+  plain product (its backward stays in bf16). Batched products (dimensions in both operands and
+  the result, e.g. heads) stay plain: XLA:CPU runs some of those (P V at one query) as plain
+  dots, which have no bf16 x bf16 -> f32 kernel ("Unsupported element type for DotThunk")."""
   from xecomla.models.kernels import target_platform
-  if a.dtype == jnp.bfloat16 and target_platform() == 'cpu':
+  inputs, out = spec.replace('...', '').split('->')
+  lhs, rhs = inputs.split(',')
+  batched = set(lhs) & set(rhs) & set(out)  # a batched dot (e.g. per head): kept plain
+  if a.dtype == jnp.bfloat16 and not batched and target_platform() == 'cpu':
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(a.dtype)
   return jnp.einsum(spec, a, b)
 

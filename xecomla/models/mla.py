@@ -161,7 +161,7 @@ class MLAAttention(nnx.Module):
     if row_scale is None:
       # Weighted sum over the whole fused rows, then the latent part ([B, T, N, r_kv + d_r]):
       # a slice of the cache as the operand would be a copy of it every step.
-      o_lat = einsum('BNTS,BSC->BTNC', probs.astype(dt), rows)[..., :r_kv]
+      o_lat = jnp.einsum('BNTS,BSC->BTNC', probs.astype(dt), rows)[..., :r_kv]
     else:
-      o_lat = einsum('BNTS,BSR->BTNR', (probs * s_c).astype(dt), rows[..., :r_kv])
+      o_lat = jnp.einsum('BNTS,BSR->BTNR', (probs * s_c).astype(dt), rows[..., :r_kv])
     return einsum('BTNR,RNH->BTNH', o_lat, self._w(self.uv))
