@@ -60,3 +60,41 @@ def matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
     jax.block_until_ready(f(a, b))
     best = min(best, time.perf_counter() - t0)
   return 2 * n ** 3 / best
+
+
+def decode_step_flops(config: LlamaConfig | MLAConfig, batch: int, keys: int, *,
+                      absorbed: bool = True, fused_sum: bool = True) -> float:
+  """Matmul FLOPs of one decode step: one new token in each of `batch` rows attending to `keys`
+  cache slots (2 FLOPs per multiply-add; the norms, RoPE, softmax, masking and SwiGLU's product
+  are elementwise and not counted).
+
+  Teacher: its weights once per token, q.k and p.v per key and head. MLA with `absorbed`: the
+  query mapped into latent space (q_c W^UK^T), scored against [c_kv | k_r] and the weighted latent
+  summed per head, then up-projected once by W^UV: n_h (2 r_kv + d_r) multiply-adds per key, or
+  with `fused_sum` (as models.mla computes it: the weighted sum over the whole fused row, whose
+  d_r RoPE columns are then dropped, so as not to copy the cache's latent part every step)
+  2 n_h (r_kv + d_r).
+  MLA expanded (the naive decode): every cached latent is up-projected by W^UK and W^UV at every
+  step, r_kv n_h (d_qk + d_v) per key, before the ordinary attention over the expanded K and V.
+  """
+  llama = config.llama if isinstance(config, MLAConfig) else config
+  d, n = llama.dim, llama.n_heads
+  total = d * llama.vocab_size  # the output head (the embedding gather is free)
+  for l in range(llama.n_layers):
+    mlp = 3 * d * llama.hidden_dim
+    if isinstance(config, MLAConfig):
+      c, r_q, r_kv = config, config.r_q[l], config.r_kv[l]
+      q_in = d if r_q is None else r_q
+      weights = ((0 if r_q is None else d * r_q) + q_in * n * (c.d_qk + c.d_r)
+                 + d * (r_kv + c.d_r) + n * c.d_v * d)
+      if absorbed:
+        weights += n * c.d_qk * r_kv + n * r_kv * c.d_v
+        per_key = n * ((r_kv if c.d_qk else 0) + c.d_r) + n * (r_kv + (c.d_r if fused_sum else 0))
+      else:
+        per_key = r_kv * n * (c.d_qk + c.d_v) + n * (c.d_qk + c.d_r) + n * c.d_v
+    else:
+      h = llama.head_dim
+      weights = d * n * h + 2 * d * llama.n_kv_heads * h + n * h * d
+      per_key = 2 * n * h
+    total += weights + mlp + per_key * keys
+  return 2.0 * batch * total
