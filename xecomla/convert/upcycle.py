@@ -84,26 +84,13 @@ def upcycle(llama: LlamaConfig, params: dict, opts: InitOptions, *, whiteners: l
   """Returns the student's config, its float32 parameters and a conversion report."""
   if opts.method == 'activation' and whiteners is None:
     raise ValueError("method='activation' needs calibration whiteners (see convert/calib.py)")
-  n_h, d_h, d_model = llama.n_heads, llama.head_dim, llama.dim
+  n_h, d_h = llama.n_heads, llama.head_dim
   d_r, d_qk = opts.d_r, d_h - opts.d_r
   if d_qk < 0:
     raise ValueError(f'd_r={d_r} exceeds the teacher head_dim {d_h}.')
-  layers = []
-  for l in range(llama.n_layers):
-    a = params['layers'][l]['attn']
-    wq = np.asarray(a['q'], np.float64)
-    wk = np.repeat(np.asarray(a['k'], np.float64), llama.group_size, axis=1)
-    wv = np.repeat(np.asarray(a['v'], np.float64), llama.group_size, axis=1)
-    pairs, rope, nope = rope_dims.choose(opts.rope_dims, d_h, d_r, wq, wk)
-    wkr, wq_rope = rope_dims.shared_key(opts.rope_key, wk[:, :, rope], wq[:, :, rope])
-    wq_blocks = np.concatenate([wq[:, :, nope], wq_rope], axis=-1)          # [D, n_h, d_qk + d_r]
-    k_cols = wk[:, :, nope + rope] if opts.kv_svd == 'joint' else wk[:, :, nope]
-    kv = np.concatenate([k_cols.reshape(d_model, -1), wv.reshape(d_model, -1)], axis=1)
-    whiten = whiteners[l] if opts.method == 'activation' else None
-    layers.append(dict(pairs=pairs, wkr=wkr, wq=wq_blocks, k_width=k_cols.shape[-1],
-                       kv_svd=svd.spectrum_svd(kv, whiten), whiten=whiten,
-                       q_svd=None if opts.r_q is None else svd.spectrum_svd(
-                           wq_blocks.reshape(d_model, -1), whiten)))
+  layers = [_svd_layer(llama, params['layers'][l]['attn'], opts,
+                       whiteners[l] if opts.method == 'activation' else None)
+            for l in range(llama.n_layers)]
 
   n = llama.n_layers
   budget = None
@@ -135,8 +122,27 @@ def upcycle(llama: LlamaConfig, params: dict, opts: InitOptions, *, whiteners: l
   return config, student, _report(config, layers, opts)
 
 
+def _svd_layer(llama: LlamaConfig, a: dict, opts: InitOptions, whiten) -> dict[str, Any]:
+  """One layer's RoPE split, shared key and SVDs (steps 1-4 before the ranks are known)."""
+  d_model, d_h, d_r = llama.dim, llama.head_dim, opts.d_r
+  wq = np.asarray(a['q'], np.float64)
+  wk = np.repeat(np.asarray(a['k'], np.float64), llama.group_size, axis=1)
+  wv = np.repeat(np.asarray(a['v'], np.float64), llama.group_size, axis=1)
+  pairs, rope, nope = rope_dims.choose(opts.rope_dims, d_h, d_r, wq, wk)
+  wkr, wq_rope = rope_dims.shared_key(opts.rope_key, wk[:, :, rope], wq[:, :, rope])
+  wq_blocks = np.concatenate([wq[:, :, nope], wq_rope], axis=-1)          # [D, n_h, d_qk + d_r]
+  k_cols = wk[:, :, nope + rope] if opts.kv_svd == 'joint' else wk[:, :, nope]
+  kv = np.concatenate([k_cols.reshape(d_model, -1), wv.reshape(d_model, -1)], axis=1)
+  return dict(pairs=pairs, wkr=wkr, wq=wq_blocks, k_width=k_cols.shape[-1], kv=kv,
+              kv_svd=svd.spectrum_svd(kv, whiten), whiten=whiten,
+              q_svd=None if opts.r_q is None else svd.spectrum_svd(
+                  wq_blocks.reshape(d_model, -1), whiten))
+
+
 def _factor_layer(x, r_kv, r_q, d_qk, n_h, d_h, sigma) -> dict[str, np.ndarray]:
   u, s, vt = x['kv_svd']
+  if r_kv > u.shape[1]:  # past what the fast SVD resolves (see svd.spectrum_svd)
+    u, s, vt = svd.spectrum_svd(x['kv'], x['whiten'], lapack=True)
   dkv, up = svd.factor(u, s, vt, r_kv, sigma, x['whiten'])
   kw = x['k_width']
   uk = up[:, :n_h * kw].reshape(r_kv, n_h, kw)[:, :, :d_qk]
@@ -146,6 +152,8 @@ def _factor_layer(x, r_kv, r_q, d_qk, n_h, d_h, sigma) -> dict[str, np.ndarray]:
     out['uq'], out['qr'] = x['wq'][:, :, :d_qk], x['wq'][:, :, d_qk:]
   else:
     u, s, vt = x['q_svd']
+    if r_q > u.shape[1]:
+      u, s, vt = svd.spectrum_svd(x['wq'].reshape(len(u), -1), x['whiten'], lapack=True)
     dq, upq = svd.factor(u, s, vt, r_q, sigma, x['whiten'])
     upq = upq.reshape(r_q, n_h, d_h)
     out.update(dq=dq, uq=upq[:, :, :d_qk], qr=upq[:, :, d_qk:])
