@@ -34,14 +34,13 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks.common import print_machine
+from benchmarks.kd_steps import torch_side, xecomla_trainer
 from benchmarks.flops import kd_step_flops, matmul_peak
 from configs.common import base_config
 from xecomla import sharding, workdir as wd
 from xecomla.convert.upcycle import InitOptions, upcycle
 from xecomla.models import transformer
 from xecomla.models.config import LlamaConfig
-from xecomla.stages import distill
-from xecomla.train import steps
 
 _MODEL = flags.DEFINE_enum('model', 'stories260k', ['stories260k', 'llama1b'], 'Which student.')
 _LAYERS = flags.DEFINE_integer('layers', 4, 'Layers of the Llama-3.2-1B-width model.')
@@ -83,34 +82,6 @@ def models(tmp: str):
       hf.save_llama(d, teacher, params)
   student, student_params, _ = upcycle(teacher, params, opts)
   return teacher, params, student, student_params, d if os.path.isdir(d) else None
-
-
-def xecomla_trainer(config, teacher, student, mesh):
-  """xecomla's KD step as the distill stage builds it from `config` (optimiser, KD loss, model
-  options), and the learning-rate schedule."""
-  tx, schedule = distill.optimizer(config, config.train.lr, config.train.steps)
-  d = config.distill
-  loss = steps.kd_loss_fn(transformer.graphdef(student, **wd.model_kwargs(config, train=True)),
-                          transformer.graphdef(teacher, **wd.model_kwargs(config)),
-                          steps.KDOptions(kl_weight=d.kl_weight, ce_weight=d.ce_weight,
-                                          temperature=d.temperature, chunk=d.loss_chunk))
-  trainer = steps.make_trainer(loss, tx, model_config=student, frozen_config=teacher, mesh=mesh,
-                               frozen_dtype=wd.frozen_dtype(config))
-  trainer.loss_fn = loss
-  return trainer, schedule
-
-
-def torch_side(tmp, hf_dir, student, s_params, config, schedule, *, attention='sdpa',
-               adamw='fused', threads=None):
-  """(the PyTorch KD step on the teacher's HF directory and an export of the student, its
-  threads, torch's measured matmul peak)."""
-  from benchmarks import torch_kd
-  threads = torch_kd.set_threads(threads)
-  kd = torch_kd.TorchKD(torch_kd.exported_student(os.path.join(tmp, 'student_hf'), student,
-                                                  s_params),
-                        torch_kd.hf_teacher(hf_dir, attention), config.train, config.distill,
-                        schedule, adamw=adamw)
-  return kd, threads, torch_kd.matmul_peak()
 
 
 def timed(fn, n):

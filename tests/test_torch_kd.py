@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks import torch_kd
-from benchmarks.train_throughput import torch_side, xecomla_trainer
+from benchmarks.kd_steps import torch_side, xecomla_trainer
 from configs.common import base_config
 from tests.conftest import f32_bound, forward_ops, max_abs, within
 from xecomla import sharding
