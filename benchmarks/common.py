@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import time
 
 import jax
 
@@ -39,3 +40,13 @@ def print_machine() -> dict:
   print('machine:', ', '.join(f'{k}={v}' for k, v in m.items() if k != 'devices'),
         f'devices={len(m["devices"])}')
   return m
+
+
+def timed(fn, n: int) -> list[float]:
+  """Wall seconds of each of n calls of fn()."""
+  out = []
+  for _ in range(n):
+    t0 = time.perf_counter()
+    fn()
+    out.append(time.perf_counter() - t0)
+  return out

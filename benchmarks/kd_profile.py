@@ -24,16 +24,8 @@ import numpy as np
 import torch
 
 from benchmarks import roofline
+from benchmarks.common import timed
 from benchmarks.torch_kd import TorchKD, kd_loss
-
-
-def timed(fn, n: int) -> list[float]:
-  out = []
-  for _ in range(n):
-    t0 = time.perf_counter()
-    fn()
-    out.append(time.perf_counter() - t0)
-  return out
 
 
 def group(op: dict, seq_len: int, vocab: int) -> str:

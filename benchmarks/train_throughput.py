@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from benchmarks.common import print_machine
+from benchmarks.common import print_machine, timed
 from benchmarks.kd_steps import torch_side, xecomla_trainer
 from benchmarks.flops import kd_step_flops, matmul_peak
 from configs.common import base_config
@@ -82,15 +82,6 @@ def models(tmp: str):
       hf.save_llama(d, teacher, params)
   student, student_params, _ = upcycle(teacher, params, opts)
   return teacher, params, student, student_params, d if os.path.isdir(d) else None
-
-
-def timed(fn, n):
-  out = []
-  for _ in range(n):
-    t0 = time.perf_counter()
-    fn()
-    out.append(time.perf_counter() - t0)
-  return out
 
 
 def main(argv):
