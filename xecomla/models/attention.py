@@ -34,31 +34,21 @@ def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
   return jax.nn.softmax(scores, axis=-1)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, *,
+           heads_major: bool = False) -> jax.Array:
   """Grouped-query attention.
 
   q [B, T, N, H], k [B, S, K, H], v [B, S, K, Hv] with N a multiple of K (query head n uses KV
   head n // (N / K), as Hugging Face's repeat_kv does); mask [B, T, S]. Returns [B, T, N, Hv].
+  heads_major: k [B, K, S, H] and v [B, K, S, Hv] instead, the teacher's decode cache (kvcache).
   """
   b, t, n, h = q.shape
-  kv_heads = k.shape[2]
+  kv = 'BKSH' if heads_major else 'BSKH'
+  kv_heads = k.shape[kv.index('K')]
   q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-  scores = jnp.einsum('BTKGH,BSKH->BKGTS', q, k, preferred_element_type=jnp.float32) * scale
+  scores = jnp.einsum(f'BTKGH,{kv}->BKGTS', q, k, preferred_element_type=jnp.float32) * scale
   probs = masked_softmax(scores, mask[:, None, None])
-  out = jnp.einsum('BKGTS,BSKH->BTKGH', probs.astype(v.dtype), v)
-  return out.reshape(b, t, n, v.shape[-1])
-
-
-def attend_cached(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
-  """attend() against a heads-major cache: q [B, T, N, H], k [B, K, S, H], v [B, K, S, Hv], mask
-  [B, T, S] -> [B, T, N, Hv]. The reference einsums (a decode step reads the cache; splash's
-  row-index causality does not hold for T new tokens against S cached slots)."""
-  b, t, n, h = q.shape
-  kv_heads = k.shape[1]
-  q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-  scores = jnp.einsum('BTKGH,BKSH->BKGTS', q, k, preferred_element_type=jnp.float32) * scale
-  probs = masked_softmax(scores, mask[:, None, None])
-  out = jnp.einsum('BKGTS,BKSH->BTKGH', probs.astype(v.dtype), v)
+  out = jnp.einsum(f'BKGTS,{kv}->BTKGH', probs.astype(v.dtype), v)
   return out.reshape(b, t, n, v.shape[-1])
 
 

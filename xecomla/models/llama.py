@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from xecomla.models import kvcache
-from xecomla.models.attention import attend_cached, dot_product
+from xecomla.models.attention import attend, dot_product
 from xecomla.models.config import LlamaConfig
 from xecomla.models.layers import apply_rope, einsum, param, rope_inv_freq
 
@@ -54,8 +54,9 @@ class Attention(nnx.Module):
     scale = 1.0 / math.sqrt(c.head_dim)
     if cache is None:
       out = dot_product(q, k, v, mask, scale, self.attention)
-    else:  # the cache is heads-major [B, K, S, H] (kvcache); T new tokens against its S slots
+    else:  # the cache is heads-major [B, K, S, H] (kvcache); T new tokens against its S slots, by
+      # the reference einsums (splash's row-index causality does not hold for cached slots)
       cache = {name: kvcache.write(cache[name], x.transpose(0, 2, 1, 3), index, axis=2)
                for name, x in (('k', k), ('v', v))}
-      out = attend_cached(q, cache['k'].astype(dt), cache['v'].astype(dt), mask, scale)
+      out = attend(q, cache['k'].astype(dt), cache['v'].astype(dt), mask, scale, heads_major=True)
     return einsum('BTNH,NHD->BTD', out, self.o[...].astype(dt)), cache
