@@ -3,15 +3,15 @@
 The full-sequence NLL (`eval.evaluate_nll`) never touches a cache: every position attends to keys
 computed in the same pass. What a served model sees is different: each step's query attends to
 what the cache stored for earlier tokens, in the cache's dtype (bfloat16, or an int8 / float8
-latent with a per-token scale). This evaluates the same documents, with the same definition (BOS,
+latent with per-token scales). This evaluates the same documents, with the same definition (BOS,
 truncation to max_len predicted tokens, token-weighted mean), by writing token t into the cache and
 scoring token t + 1 from the logits of that step, so the cost of a cache format is measured where
 it is paid. With a float32 cache it equals the full-sequence figure up to float32 rounding
-(tests/test_cache_eval.py).
+(tests/test_decode.py).
 
-Documents are not packed: each is one row, right-padded (padding has segment 0, so it is never
-attended to and never scored); rows are sorted by length and their width rounded up to a multiple
-of `bucket`, so few shapes are compiled.
+Documents are not packed: each is one row, right-padded (`eval.right_padded`: padding has segment
+0, so it is never attended to and never scored); rows are sorted by length and their width rounded
+up to a multiple of `bucket`, so few shapes are compiled.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from xecomla.eval import right_padded
 from xecomla.models import kvcache
 from xecomla.train.losses import token_log_probs
 
@@ -59,14 +59,9 @@ def nll_through_cache(model, seqs: list[list[int]], *, cache_dtype: Any = 'auto'
   order = sorted(range(len(seqs)), key=lambda k: len(seqs[k]))
   total, count = 0.0, 0.0
   for start in range(0, len(order), batch_rows):
-    idx = order[start:start + batch_rows]
-    width = -(-max(len(seqs[k]) for k in idx) // bucket) * bucket
-    tokens = np.zeros((batch_rows, width), np.int32)
-    segs = np.zeros((batch_rows, width), np.int32)
-    for r, k in enumerate(idx):
-      tokens[r, :len(seqs[k])] = seqs[k]
-      segs[r, :len(seqs[k])] = 1
-    cache = kvcache.init_cache(model.config, batch_rows, width, cache_dtype, model.dtype)
+    tokens, segs = right_padded([seqs[k] for k in order[start:start + batch_rows]], batch_rows,
+                                bucket)
+    cache = kvcache.init_cache(model.config, batch_rows, tokens.shape[1], cache_dtype, model.dtype)
     s, c = _nll_sums(graphdef, state, jnp.asarray(tokens), jnp.asarray(segs), cache)
     total += float(s)
     count += float(c)

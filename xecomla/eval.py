@@ -124,10 +124,17 @@ def nll_evaluator(graphdef: nnx.GraphDef, tokenizer, path: str, *, max_docs: int
 
 
 def evaluate_text(model, tokenizer, path: str, *, max_docs: int | None, bos_id: int,
-                  max_len: int, batch_rows: int = 16) -> dict[str, Any]:
-  """The README's evaluation definition, end to end, on one text file."""
+                  max_len: int, batch_rows: int = 16, through_cache: str = '') -> dict[str, Any]:
+  """The README's evaluation definition, end to end, on one text file; with `through_cache` (a
+  kvcache.CACHE_DTYPES name) also the same documents decoded token by token through a cache of
+  that dtype (`xecomla.cache_eval`), as 'through_cache'."""
   seqs = encode_documents(tokenizer, read_documents(path, max_docs), bos_id, max_len)
-  return {'path': path, **evaluate_nll(model, seqs, row_length=max_len + 1, batch_rows=batch_rows)}
+  out = {'path': path, **evaluate_nll(model, seqs, row_length=max_len + 1, batch_rows=batch_rows)}
+  if through_cache:
+    from xecomla import cache_eval  # it builds its batches with right_padded, from this module
+    out['through_cache'] = cache_eval.nll_through_cache(model, seqs, cache_dtype=through_cache,
+                                                        batch_rows=batch_rows)
+  return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,6 +178,19 @@ def continuation_requests(tokenizer, rows, bos_id: int, max_len: int):
   return reqs
 
 
+def right_padded(seqs: list[list[int]], rows: int, bucket: int) -> tuple[np.ndarray, np.ndarray]:
+  """`seqs` (at most `rows`) one per row, right-padded to the longest rounded up to a multiple of
+  `bucket`: tokens and segment ids [rows, width] (segment 1 on tokens, 0 on padding and on rows
+  left empty)."""
+  width = -(-max(len(s) for s in seqs) // bucket) * bucket
+  tokens = np.zeros((rows, width), np.int32)
+  seg = np.zeros((rows, width), np.int32)
+  for r, s in enumerate(seqs):
+    tokens[r, :len(s)] = s
+    seg[r, :len(s)] = 1
+  return tokens, seg
+
+
 def loglikelihoods(model, seqs_and_lengths, batch_rows: int = 16, bucket: int = 64) -> list[float]:
   """Sum of log p over the last n tokens of each sequence (each predicted from what precedes it)."""
   graphdef, state = nnx.split(model)
@@ -185,14 +205,7 @@ def loglikelihoods(model, seqs_and_lengths, batch_rows: int = 16, bucket: int = 
   out = [0.0] * len(seqs_and_lengths)
   for start in range(0, len(order), batch_rows):
     idx = order[start:start + batch_rows]
-    width = max(len(seqs_and_lengths[k][0]) for k in idx)
-    width = -(-width // bucket) * bucket
-    tokens = np.zeros((batch_rows, width), np.int32)
-    seg = np.zeros((batch_rows, width), np.int32)
-    for r, k in enumerate(idx):
-      s = seqs_and_lengths[k][0]
-      tokens[r, :len(s)] = s
-      seg[r, :len(s)] = 1
+    tokens, seg = right_padded([seqs_and_lengths[k][0] for k in idx], batch_rows, bucket)
     lp = np.asarray(token_logps(state, jnp.asarray(tokens), jnp.asarray(seg)))
     for r, k in enumerate(idx):
       s, n = seqs_and_lengths[k]

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from xecomla import eval as evaluation
-from xecomla import cache_eval, data_checks, fileio, generate, workdir as wd
+from xecomla import data_checks, fileio, generate, workdir as wd
 from xecomla.cli import UsageError
 from xecomla.models import kvcache, transformer
 from xecomla.models.config import LlamaConfig, MLAConfig
@@ -71,6 +71,7 @@ def evaluate_model(model, tokenizer: Tokenizer, config, teacher: LlamaConfig) ->
   llama = model.llama
   out: dict[str, Any] = {}
   texts = {}
+  through = cache_dtype(config, model.config)
   for i, path in enumerate(text_paths(config)):
     t0 = time.perf_counter()
     max_docs = config.eval.max_docs
@@ -78,12 +79,8 @@ def evaluate_model(model, tokenizer: Tokenizer, config, teacher: LlamaConfig) ->
       max_docs = config.eval.extra_max_docs
     r = evaluation.evaluate_text(model, tokenizer, path, max_docs=max_docs or None,
                                  bos_id=llama.bos_id, max_len=max_len(config, llama),
-                                 batch_rows=config.eval.batch_rows)
-    if i == 0 and cache_dtype(config, model.config):  # the same documents, token by token
-      seqs = evaluation.encode_documents(tokenizer, evaluation.read_documents(path, max_docs or None),
-                                         llama.bos_id, max_len(config, llama))
-      r['through_cache'] = cache_eval.nll_through_cache(
-          model, seqs, cache_dtype=cache_dtype(config, model.config), batch_rows=config.eval.batch_rows)
+                                 batch_rows=config.eval.batch_rows,
+                                 through_cache=through if i == 0 else '')
     r['seconds'] = round(time.perf_counter() - t0, 2)
     texts[os.path.basename(path)] = r
   if texts:
@@ -103,7 +100,7 @@ def evaluate_model(model, tokenizer: Tokenizer, config, teacher: LlamaConfig) ->
   if config.eval.sample_tokens:
     g = generate.generate(model, [[llama.bos_id]], min(config.eval.sample_tokens,
                                                         llama.max_seq_len - 1),
-                          cache_dtype=cache_dtype(config, model.config) or 'auto')
+                          cache_dtype=through or 'auto')
     out['sample_ids'] = [llama.bos_id] + g['tokens'][0]
     out['sample'] = tokenizer.decode(out['sample_ids'])
   return out
