@@ -48,8 +48,8 @@ def base_config() -> config_dict.ConfigDict:
   # Stages run in order, each resuming from its own checkpoints: init, distill, dpo, eval, export.
   c.stages = 'init,distill,eval,export'
 
-  # The Llama that is upcycled (and evaluated as "teacher"): a Hugging Face Llama directory, or a
-  # llama2.c .bin (then `tokenizer` names its tok*.bin and it is converted into W/teacher_hf).
+  # The Llama that is upcycled (and evaluated as "teacher"): a Hugging Face Llama directory, a Hub
+  # id org/name[@revision] (from the HF cache, or downloaded: xecomla/hub.py), or a llama2.c .bin (then `tokenizer` names its tok*.bin and it is converted into W/teacher_hf).
   c.teacher = config_dict.ConfigDict()
   c.teacher.path = ''
   c.teacher.tokenizer = ''
@@ -99,7 +99,7 @@ def base_config() -> config_dict.ConfigDict:
   c.train.max_nonfinite = 3       # stop (exit 3) after this many non-finite steps in a row (never applied)
 
   c.distill = config_dict.ConfigDict()
-  c.distill.teacher_path = ''    # a larger KD teacher (HF Llama dir); '' = teacher.path
+  c.distill.teacher_path = ''    # a larger KD teacher (HF Llama dir or Hub id); '' = teacher.path
   c.distill.kl_weight = 1.0
   c.distill.ce_weight = 0.0
   c.distill.temperature = 1.0
@@ -128,6 +128,10 @@ def base_config() -> config_dict.ConfigDict:
   c.eval.extra_paths = ''        # comma-separated further text files (e.g. out of domain)
   c.eval.extra_max_docs = -1     # documents of each extra text (-1: as eval.max_docs, 0: all)
   c.eval.mc_paths = ''           # comma-separated multiple-choice JSONL files
+  c.eval.story_mc = 0            # story completion: items built from eval.path's stories, scored as
+                                 # multiple choice (xecomla/story_mc.py; 0 = off)
+  c.eval.story_mc_choices = 4    # choices per item: the true last sentence + this - 1 other endings
+  c.eval.story_mc_seed = 0       # draws the other endings and the true one's position
   c.eval.batch_rows = 16
   c.eval.max_len = 2048          # predicted tokens per document: min(this, the model's maximum length)
   c.eval.sample_tokens = 40      # greedy sample length from BOS (0 = none)

@@ -1,6 +1,13 @@
 """Llama-3.2 settings of the X-EcoMLA paper (arXiv 2503.11132, official recipe), shared by
-r_kv_64.py, r_kv_128.py and dynamic.py. Model directories are local Hugging Face checkouts under
-$XECOMLA_MODELS (default ~/models); nothing is downloaded at run time.
+r_kv_64.py, r_kv_128.py and dynamic.py.
+
+Models are named by their Hugging Face Hub ids (meta-llama/Llama-3.2-1B-Instruct as the source;
+teachers meta-llama/Llama-3.2-1B-Instruct, -3.2-3B-Instruct, -3.1-8B-Instruct): a run takes them
+from the Hugging Face cache (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub)
+without network, and downloads what is not cached unless HF_HUB_OFFLINE=1 (xecomla/hub.py; the
+Meta repositories are gated: accept the licence, then `hf auth login` or HF_TOKEN). With
+$XECOMLA_MODELS set (read when the config is built), the ids map to local Hugging Face
+directories instead, named after the model: $XECOMLA_MODELS/Llama-3.2-1B-Instruct and so on.
 
 Arguments: teacher=1b|3b|8b (the distillation teacher; the student is always upcycled from
 Llama-3.2-1B-Instruct), steps, batch, seq_len, lr.
@@ -10,9 +17,15 @@ import os
 
 from configs.common import base_config, parse_arg
 
-MODELS = os.path.expanduser(os.environ.get('XECOMLA_MODELS', '~/models'))
-SOURCE = 'Llama-3.2-1B-Instruct'
-TEACHERS = {'1b': SOURCE, '3b': 'Llama-3.2-3B-Instruct', '8b': 'Llama-3.1-8B-Instruct'}
+SOURCE = 'meta-llama/Llama-3.2-1B-Instruct'
+TEACHERS = {'1b': SOURCE, '3b': 'meta-llama/Llama-3.2-3B-Instruct',
+            '8b': 'meta-llama/Llama-3.1-8B-Instruct'}
+
+
+def model_path(hub_id: str) -> str:
+  """The Hub id, or $XECOMLA_MODELS/<name> when XECOMLA_MODELS is set."""
+  models = os.environ.get('XECOMLA_MODELS')
+  return os.path.join(os.path.expanduser(models), hub_id.split('/')[-1]) if models else hub_id
 
 
 def get_base(arg, *, r_kv: int):
@@ -22,9 +35,9 @@ def get_base(arg, *, r_kv: int):
   c = base_config()
   c.dtype = 'bfloat16'
   c.stages = 'init,distill,dpo,eval,export'
-  c.teacher.path = os.path.join(MODELS, SOURCE)
+  c.teacher.path = model_path(SOURCE)
   if a.teacher != '1b':
-    c.distill.teacher_path = os.path.join(MODELS, TEACHERS[a.teacher])
+    c.distill.teacher_path = model_path(TEACHERS[a.teacher])
   # Llama-3.2-1B: 16 layers, 32 query / 8 KV heads of 64 dims; teacher cache 2*8*64 = 1024/token/layer.
   c.mla.r_kv = r_kv
   c.mla.r_q = 1424

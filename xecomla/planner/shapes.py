@@ -1,9 +1,10 @@
 """The abstract teacher and student of a config, without weights.
 
 A model path gives its LlamaConfig from, in order: the `config.json` of a Hugging Face directory
-(read by the conversion's own reader, so refusals match a real run), the header of a llama2.c
-`.bin`, or a named shape matched from the directory's name (the paper's models, for planning on
-a machine that has not downloaded them). The student is the MLAConfig the init stage builds at
+(read by the conversion's own reader, so refusals match a real run) or of a Hub id's snapshot in
+the Hugging Face cache (never downloaded for a plan), the header of a llama2.c `.bin`, or a named
+shape matched from the directory's or the id's name (the paper's models, for planning on a
+machine that has not downloaded them). The student is the MLAConfig the init stage builds at
 the fixed ranks mla.r_kv / mla.r_q (dynamic ranks need weights).
 """
 
@@ -16,7 +17,9 @@ import re
 import tempfile
 
 import jax
+from etils import epath
 
+from xecomla import fileio, hub
 from xecomla.cli import UsageError
 from xecomla.convert import llama2c, rope_dims
 from xecomla.convert.hf_config import read_llama_config
@@ -52,7 +55,7 @@ _INSTRUCT_EOS = [128001, 128008, 128009]
 def named_shape(path: str) -> tuple[str, dict] | None:
   """(name, config.json dict) of the named shape a model path is called after, or None:
   `.../Llama-3.2-1B`, `Llama-3.2-1B-Instruct`, `Meta-Llama-3.1-8B-Instruct` (any case)."""
-  base = os.path.basename(os.path.normpath(path)).lower()
+  base = os.path.basename(os.path.normpath(path)).lower()  # a string op: a URI's last part too
   for name, values in NAMED_CONFIGS.items():
     m = re.fullmatch(r'(meta-)?' + re.escape(name.lower()) + r'(-instruct)?', base)
     if m:
@@ -66,8 +69,7 @@ def named_shape(path: str) -> tuple[str, dict] | None:
 def parse_config_json(values: dict) -> LlamaConfig:
   """A config.json dict -> LlamaConfig through the conversion's reader (which reads files)."""
   with tempfile.TemporaryDirectory() as d:
-    with open(os.path.join(d, 'config.json'), 'w') as f:
-      json.dump(values, f)
+    fileio.write_text(os.path.join(d, 'config.json'), json.dumps(values))
     return read_llama_config(d)
 
 
@@ -76,9 +78,21 @@ def model_llama(path: str, field: str) -> tuple[LlamaConfig, str]:
   if not path:
     raise UsageError(f'{field} is empty: set --config.{field} to a Hugging Face Llama directory, '
                      f'a llama2.c .bin, or a path named after one of {", ".join(NAMED_CONFIGS)}.')
-  if os.path.isdir(path) and os.path.exists(os.path.join(path, 'config.json')):
+  if epath.Path(path).is_dir() and epath.Path(path, 'config.json').exists():
     return read_llama_config(path), f'{path}/config.json'
-  if path.endswith('.bin') and os.path.isfile(path):
+  hub_id = hub.parse(path)
+  if hub_id:  # a plan downloads nothing: the cached config.json, else the shape its name gives
+    snap = hub.cached(path)
+    if snap:
+      return read_llama_config(snap), f'{path} (Hugging Face cache) {snap}/config.json'
+    named = named_shape(hub_id[0])
+    if not named:
+      raise UsageError(f'{field}={path} is not in the Hugging Face cache {hub.cache_dir()} and '
+                       f'its name matches no known shape ({", ".join(NAMED_CONFIGS)}, optionally '
+                       f'-Instruct): run `hf download {hub_id[0]} config.json` to plan with its '
+                       'config.json, or give a local Hugging Face Llama directory.')
+    return parse_config_json(named[1]), f'named shape {named[0]} (published config.json)'
+  if path.endswith('.bin') and epath.Path(path).is_file():
     return llama2c.read_config(path), f'{path} (llama2.c header)'
   named = named_shape(path)
   if named:

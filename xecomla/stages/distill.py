@@ -11,10 +11,13 @@ import json
 import os
 from typing import Any
 
-from xecomla import data, data_checks, eval as evaluation, sharding, workdir as wd
+from etils import epath
+
+from xecomla import data, data_checks, eval as evaluation, fileio, hub, sharding, workdir as wd
 from xecomla.cli import UsageError
 from xecomla.convert import hf
 from xecomla.models import transformer
+from xecomla.models.config import MLAConfig
 from xecomla.stages import evaluate
 from xecomla.tokenizer import Tokenizer
 from xecomla.train import loop, optim, steps
@@ -38,15 +41,15 @@ def check_vocabulary(student_dir: str, teacher_dir: str, student_vocab: int, tea
     raise UsageError(f'the distillation teacher {teacher_dir} has a vocabulary of {teacher_vocab} '
                      f'tokens, the student {student_vocab}: choose a teacher of the same family.')
   paths = [os.path.join(d, 'tokenizer.json') for d in (student_dir, teacher_dir)]
-  if tokenizers and student_dir != teacher_dir and all(os.path.exists(p) for p in paths):
-    vocabs = [json.load(open(p, encoding='utf-8'))['model'].get('vocab') for p in paths]
+  if tokenizers and student_dir != teacher_dir and all(epath.Path(p).exists() for p in paths):
+    vocabs = [fileio.read_json(p)['model'].get('vocab') for p in paths]
     if vocabs[0] != vocabs[1]:
       raise UsageError(f'the distillation teacher {teacher_dir} uses a different tokenizer '
                        'vocabulary than the student: choose a teacher of the same family.')
 
 
 def tokenizer_dir(path: str, workdir: str | None, name: str) -> str | None:
-  return wd.converted_dir(path, workdir, name) if workdir else (path if os.path.isdir(path) else None)
+  return wd.converted_dir(path, workdir, name) if workdir else (path if epath.Path(path).is_dir() else None)
 
 
 def validate(config, workdir: str | None, teacher, stages: list[str]) -> None:
@@ -59,9 +62,11 @@ def validate(config, workdir: str | None, teacher, stages: list[str]) -> None:
   kd = teacher
   if d.teacher_path:
     kd = wd.check_teacher(d.teacher_path, '', workdir, 'kd_teacher_hf', 'distill.teacher_path')
-    dirs = [tokenizer_dir(config.teacher.path, workdir, 'teacher_hf'),
-            tokenizer_dir(d.teacher_path, workdir, 'kd_teacher_hf')]
-    check_vocabulary(dirs[0] or config.teacher.path, dirs[1] or d.teacher_path,
+    paths = (hub.resolve(config.teacher.path, 'teacher.path'),  # Hub ids -> their snapshots
+             hub.resolve(d.teacher_path, 'distill.teacher_path'))
+    dirs = [tokenizer_dir(paths[0], workdir, 'teacher_hf'),
+            tokenizer_dir(paths[1], workdir, 'kd_teacher_hf')]
+    check_vocabulary(dirs[0] or paths[0], dirs[1] or paths[1],
                      teacher.vocab_size, kd.vocab_size, tokenizers=all(dirs))
   if d.hidden_weight > 0 and (kd.n_layers, kd.dim) != (teacher.n_layers, teacher.dim):
     raise UsageError('distill.hidden_weight > 0 needs a teacher of the student\'s depth and width '
@@ -87,10 +92,14 @@ def run(config, workdir: str) -> dict[str, Any]:
     raise UsageError(f'no student in {wd.stage_dir(workdir, "init")}: run the init stage first '
                      '(config.stages=init,distill,...).')
   train_kw, model_kw = wd.model_kwargs(config, train=True), wd.model_kwargs(config)
-  student_cfg, params, _ = wd.load_student_from(workdir, 'init')
+  student_cfg = MLAConfig.from_dict(wd.peek_meta(workdir, 'init')['model'])
+
+  def params(shardings):  # read when training starts, straight into the trainer's shardings
+    return wd.load_student_from(workdir, 'init', shardings=shardings)[1]
+
   source_dir = wd.teacher_dir(config, workdir)
-  kd_dir = (wd.hf_dir(config.distill.teacher_path, '', workdir, 'kd_teacher_hf')
-            if config.distill.teacher_path else source_dir)
+  kd_dir = (wd.hf_dir(config.distill.teacher_path, '', workdir, 'kd_teacher_hf',
+                       'distill.teacher_path') if config.distill.teacher_path else source_dir)
   teacher_cfg, teacher_params = hf.load_llama(kd_dir)
   check_vocabulary(source_dir, kd_dir, student_cfg.llama.vocab_size, teacher_cfg.vocab_size)
   d = config.distill
