@@ -61,7 +61,8 @@ def test_remote_code_export_matches_xecomla_with_per_layer_ranks(teacher, storie
   d = export_hf(str(tmp_path / 'hf'), cfg, params, stories_dir)
   assert sorted(os.listdir(d)) == sorted(['config.json', 'model.safetensors', 'tokenizer.json',
                                           'tokenizer_config.json', 'special_tokens_map.json',
-                                          'configuration_xecomla.py', 'modeling_xecomla.py'])
+                                          'generation_config.json', 'configuration_xecomla.py',
+                                          'modeling_xecomla.py'])
   model = compare(cfg, params, d)
   with torch.no_grad():  # the transformers cache holds only the latent and the shared RoPE key
     out = model(torch.tensor([[1, 5, 9, 11]]), use_cache=True)

@@ -4,10 +4,11 @@ default and llama3), each by name."""
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
+from etils import epath
+
+from xecomla import fileio
 from xecomla.convert.safetensors_io import CheckpointError
 from xecomla.models.config import LlamaConfig
 
@@ -34,18 +35,41 @@ def unsupported_features(hf: dict[str, Any]) -> list[str]:
   return out
 
 
+def eos_token_ids(directory: str, hf: dict[str, Any]) -> tuple[int, ...]:
+  """Every EOS id: generation_config.json's eos_token_id (an int or a list; what transformers'
+  generate stops at), else config.json's."""
+  path = epath.Path(directory) / 'generation_config.json'
+  eos = hf.get('eos_token_id')
+  if path.exists():
+    try:
+      gen = fileio.read_json(path)
+    except (ValueError, OSError) as e:
+      raise CheckpointError(f'{path} is not valid JSON ({e}): re-save the model.') from e
+    if isinstance(gen, dict) and gen.get('eos_token_id') is not None:
+      eos = gen['eos_token_id']
+  ids = [eos] if isinstance(eos, int) else list(eos or [])
+  if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+    raise CheckpointError(f'{directory}: eos_token_id {eos!r} is not an id or a list of ids: '
+                          're-save the model.')
+  return tuple(ids)
+
+
+def eos_json(c: LlamaConfig) -> int | list[int] | None:
+  """eos_token_id as config.json / generation_config.json write it: one id, or the list."""
+  return list(c.eos_ids) if len(c.eos_ids) > 1 else c.eos_id
+
+
 def read_llama_config(directory: str) -> LlamaConfig:
   """Parses a Hugging Face Llama config.json (transformers 5 `rope_parameters`, or the older
   `rope_theta` / `rope_scaling` fields); refuses what the conversion cannot carry over."""
-  path = os.path.join(directory, 'config.json')
-  if not os.path.isdir(directory):
+  path = epath.Path(directory) / 'config.json'
+  if not epath.Path(directory).is_dir():
     raise CheckpointError(f'teacher directory {directory} does not exist: set teacher.path to a '
                           'Hugging Face Llama directory (or a llama2.c .bin file).')
-  if not os.path.exists(path):
+  if not path.exists():
     raise CheckpointError(f'{path} is missing: not a Hugging Face model directory.')
   try:
-    with open(path) as f:
-      hf = json.load(f)
+    hf = fileio.read_json(path)
   except (ValueError, OSError) as e:
     raise CheckpointError(f'{path} is not valid JSON ({e}): re-save the model.') from e
   if not isinstance(hf, dict):
@@ -72,6 +96,7 @@ def read_llama_config(directory: str) -> LlamaConfig:
           'factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings')}}
     n_heads = hf['num_attention_heads']
     eos = hf.get('eos_token_id')
+    eos_ids = eos_token_ids(directory, hf)
     return LlamaConfig(
         vocab_size=hf['vocab_size'], dim=hf['hidden_size'], n_layers=hf['num_hidden_layers'],
         n_heads=n_heads, n_kv_heads=hf.get('num_key_value_heads') or n_heads,
@@ -80,7 +105,8 @@ def read_llama_config(directory: str) -> LlamaConfig:
         rope_theta=float(theta), rope_scaling=scaling,
         max_seq_len=hf.get('max_position_embeddings', 2048),
         tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
-        bos_id=hf.get('bos_token_id'), eos_id=eos[0] if isinstance(eos, list) else eos)
+        bos_id=hf.get('bos_token_id'), eos_id=(eos or [None])[0] if isinstance(eos, list) else eos,
+        eos_ids=eos_ids)
   except KeyError as e:
     raise CheckpointError(f'{path} lacks the field {e.args[0]!r}: re-save the model.') from e
 
@@ -98,5 +124,5 @@ def llama_config_json(c: LlamaConfig, dtype: str = 'float32') -> dict[str, Any]:
       'max_position_embeddings': c.max_seq_len, 'rms_norm_eps': c.norm_eps,
       'rope_parameters': rope, 'tie_word_embeddings': c.tie_embeddings,
       'attention_bias': False, 'mlp_bias': False, 'attention_dropout': 0.0,
-      'bos_token_id': c.bos_id, 'eos_token_id': c.eos_id, 'dtype': dtype, 'use_cache': True,
+      'bos_token_id': c.bos_id, 'eos_token_id': eos_json(c), 'dtype': dtype, 'use_cache': True,
   }

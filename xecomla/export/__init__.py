@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
+from etils import epath
 
+from xecomla import fileio
 from xecomla.convert import hf
+from xecomla.convert.hf_config import eos_json
 from xecomla.convert.safetensors_io import CheckpointError, read_tensors, write_tensors
 from xecomla.export.names import mla_rows
 from xecomla.models.config import MLAConfig
 
-REMOTE = os.path.join(os.path.dirname(__file__), 'remote')
+REMOTE = epath.Path(__file__).parent / 'remote'
 REMOTE_FILES = ('configuration_xecomla.py', 'modeling_xecomla.py')
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
-                   'tokenizer.model', 'generation_config.json')
+                   'tokenizer.model', 'chat_template.jinja')
 
 
 def deepseek_incompatibility(c: MLAConfig) -> str | None:
@@ -48,7 +50,7 @@ def remote_config(c: MLAConfig) -> dict:
       'xecomla': c.to_dict(), 'vocab_size': llama.vocab_size, 'hidden_size': llama.dim,
       'num_hidden_layers': llama.n_layers, 'num_attention_heads': llama.n_heads,
       'max_position_embeddings': llama.max_seq_len, 'tie_word_embeddings': llama.tie_embeddings,
-      'bos_token_id': llama.bos_id, 'eos_token_id': llama.eos_id, 'dtype': 'float32',
+      'bos_token_id': llama.bos_id, 'eos_token_id': eos_json(llama), 'dtype': 'float32',
   }
 
 
@@ -68,51 +70,57 @@ def deepseek_config(c: MLAConfig) -> dict:
       'qk_nope_head_dim': c.d_qk, 'v_head_dim': c.d_v, 'rope_interleave': False,
       'rope_parameters': rope, 'rms_norm_eps': llama.norm_eps,
       'max_position_embeddings': llama.max_seq_len, 'tie_word_embeddings': llama.tie_embeddings,
-      'bos_token_id': llama.bos_id, 'eos_token_id': llama.eos_id, 'hidden_act': 'silu',
+      'bos_token_id': llama.bos_id, 'eos_token_id': eos_json(llama), 'hidden_act': 'silu',
       'attention_bias': False, 'dtype': 'float32', 'use_cache': True,
       'xecomla': c.to_dict(),
   }
+
+
+def generation_config(c: MLAConfig, tokenizer_dir: str | None) -> dict:
+  """generation_config.json: the teacher's (sampling defaults kept) with every EOS id."""
+  path = epath.Path(tokenizer_dir or '.') / 'generation_config.json'
+  out = dict(fileio.read_json(path)) if tokenizer_dir and path.exists() else {}
+  out.update(bos_token_id=c.llama.bos_id, eos_token_id=eos_json(c.llama))
+  return out
 
 
 def export_hf(out: str, config: MLAConfig, params: dict, tokenizer_dir: str | None = None, *,
               deepseek: bool = False, extra_json: dict[str, dict] | None = None) -> str:
   """Writes the export into `out` (which must not exist or be empty); built in a temporary
   sibling and renamed, so a failure leaves nothing half-written."""
-  if os.path.exists(out) and os.listdir(out):
+  if fileio.is_nonempty_dir(out):
     raise CheckpointError(f'export directory {out} exists and is not empty: choose a new one.')
   if deepseek:
     why = deepseek_incompatibility(config)
     if why:
       raise CheckpointError(f'this student cannot be a native deepseek_v3 export: {why}.')
-  tmp = out.rstrip('/') + '.tmp'
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  write_tensors(tmp, hf.to_tensors(mla_rows(config), params))
-  with open(os.path.join(tmp, 'config.json'), 'w') as f:
-    json.dump(deepseek_config(config) if deepseek else remote_config(config), f, indent=2)
+  tmp = epath.Path(os.fspath(out).rstrip('/') + '.tmp')
+  tmp.rmtree(missing_ok=True)
+  tmp.mkdir(parents=True, exist_ok=True)
+  write_tensors(os.fspath(tmp), hf.to_tensors(mla_rows(config), params))
+  fileio.write_text(tmp / 'config.json', json.dumps(
+      deepseek_config(config) if deepseek else remote_config(config), indent=2))
   if not deepseek:
     for name in REMOTE_FILES:
-      shutil.copy(os.path.join(REMOTE, name), os.path.join(tmp, name))
-  for name, obj in (extra_json or {}).items():
-    with open(os.path.join(tmp, name), 'w') as f:
-      json.dump(obj, f, indent=2)
+      (REMOTE / name).copy(tmp / name, overwrite=True)
+  extra_json = {'generation_config.json': generation_config(config, tokenizer_dir),
+                **(extra_json or {})}
+  for name, obj in extra_json.items():
+    fileio.write_text(tmp / name, json.dumps(obj, indent=2))
   if tokenizer_dir:
     for name in TOKENIZER_FILES:
-      if os.path.exists(os.path.join(tokenizer_dir, name)):
-        shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
-  if os.path.isdir(out):
-    os.rmdir(out)
-  os.replace(tmp, out)
+      if (epath.Path(tokenizer_dir) / name).exists():
+        (epath.Path(tokenizer_dir) / name).copy(tmp / name, overwrite=True)
+  fileio.commit_dir(tmp, out)
   return out
 
 
 def import_hf(directory: str) -> tuple[MLAConfig, dict]:
   """An xecomla export (remote-code or native deepseek_v3) -> (MLAConfig, float32 params)."""
-  path = os.path.join(directory, 'config.json')
-  if not os.path.exists(path):
+  path = os.fspath(epath.Path(directory) / 'config.json')
+  if not epath.Path(path).exists():
     raise CheckpointError(f'{path} is missing: not an exported model directory.')
-  with open(path) as f:
-    cfg = json.load(f)
+  cfg = fileio.read_json(path)
   if 'xecomla' not in cfg:
     raise CheckpointError(f'{path} was not written by xecomla (no "xecomla" architecture entry).')
   config = MLAConfig.from_dict(cfg['xecomla'])

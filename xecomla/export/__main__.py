@@ -6,9 +6,8 @@ Loads with transformers: AutoModelForCausalLM.from_pretrained(DIR, trust_remote_
 --deepseek (a DeepSeek-compatible student only) as a native deepseek_v3 model, no remote code.
 """
 
-import os
-
 from absl import app, flags
+from etils import epath
 
 from xecomla.cli import UsageError, fail_cleanly
 from xecomla.stages.export import export_latest
@@ -24,7 +23,7 @@ _TOKENIZER = flags.DEFINE_string('tokenizer_dir', None,
 @fail_cleanly
 def main(argv):
   del argv
-  if not os.path.isdir(_WORKDIR.value):
+  if not epath.Path(_WORKDIR.value).is_dir():
     raise UsageError(f'--workdir {_WORKDIR.value} does not exist.')
   r = export_latest(_WORKDIR.value, _OUT.value, deepseek=_DEEPSEEK.value,
                     tokenizer_dir=_TOKENIZER.value)

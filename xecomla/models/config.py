@@ -32,8 +32,18 @@ class LlamaConfig:
   tie_embeddings: bool = False
   bos_id: int | None = 1
   eos_id: int | None = 2
+  # Every end-of-sequence id (generation_config.json's eos_token_id list, e.g. Llama-3.x Instruct's
+  # 128001, 128008, 128009), which generation stops at; eos_id, the single id kept for
+  # compatibility, is always among them (prepended when missing; the first one when not given).
+  eos_ids: tuple[int, ...] = ()
 
   def __post_init__(self):
+    ids = tuple(dict.fromkeys(int(i) for i in self.eos_ids))
+    if self.eos_id is not None and self.eos_id not in ids:
+      ids = (self.eos_id,) + ids
+    object.__setattr__(self, 'eos_ids', ids)
+    if self.eos_id is None and ids:
+      object.__setattr__(self, 'eos_id', ids[0])
     if self.n_heads % self.n_kv_heads:
       raise ValueError(
           f'n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}: '

@@ -8,12 +8,10 @@ Prints the text, then tokens/s of prefill and decode (the first call includes co
 --repeat=2 the second call is timed on compiled code).
 """
 
-import json
-import os
-
 from absl import app, flags
+from etils import epath
 
-from xecomla import generate, workdir as wd
+from xecomla import fileio, generate, workdir as wd
 from xecomla.cli import UsageError, fail_cleanly
 from xecomla.convert import hf
 from xecomla.models import kvcache, transformer
@@ -39,10 +37,9 @@ def load(workdir, model_dir, teacher):
   if bool(workdir) == bool(model_dir):
     raise UsageError('give exactly one of --workdir and --model.')
   if model_dir:
-    if not os.path.isdir(model_dir):
+    if not epath.Path(model_dir).is_dir():
       raise UsageError(f'--model {model_dir} is not a directory.')
-    with open(os.path.join(model_dir, 'config.json')) as f:
-      is_export = 'xecomla' in json.load(f)
+    is_export = 'xecomla' in fileio.read_json(epath.Path(model_dir) / 'config.json')
     if is_export:
       from xecomla.export import import_hf
       return (*import_hf(model_dir), model_dir)
@@ -68,7 +65,7 @@ def main(argv):
   sampling = generate.Sampling(_TEMPERATURE.value, _TOP_P.value, _TOP_K.value)
   for _ in range(_REPEAT.value):
     out = generate.generate(model, [prompt], _MAX_NEW.value, sampling=sampling, seed=_SEED.value,
-                            eos_id=model.llama.eos_id, cache_dtype=_CACHE.value)
+                            eos_ids=model.llama.eos_ids, cache_dtype=_CACHE.value)
   ids = out['tokens'][0]
   print(tokenizer.decode(prompt + ids))
   print(f"\n[{len(prompt)} prompt tokens: {len(prompt) / out['prefill_s']:.1f} tokens/s prefill; "
