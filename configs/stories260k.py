@@ -49,5 +49,6 @@ def get_config(arg=None):
   c.eval.path = data_path('text', 'tinystories_valid_1000.txt')
   c.eval.max_docs = 200
   c.eval.extra_paths = data_path('text', 'tinyshakespeare.txt')
+  c.eval.story_mc = 200          # story completion on the first 200 held-out stories, 4 choices each
   c.eval.memory_gb = 1.0
   return c

@@ -115,6 +115,7 @@ def small_config(**train):
   c.eval.max_docs = 20
   c.eval.extra_paths = ''
   c.eval.sample_tokens = 8
+  c.eval.story_mc = 0  # story completion is tested on its own (tests/test_story_mc.py)
   for k, v in train.items():
     c.train[k] = v
   return c

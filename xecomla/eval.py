@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from xecomla import fileio
 from xecomla.train.losses import next_token_targets, token_log_probs
 
 SEPARATOR = '<|endoftext|>'
@@ -32,8 +33,7 @@ SEPARATOR = '<|endoftext|>'
 def read_documents(path: str, max_docs: int | None = None) -> list[str]:
   """The stripped, non-empty documents of a `<|endoftext|>`-separated text file (paragraphs, split
   at blank lines, when the file has no separator)."""
-  with open(path, encoding='utf-8') as f:
-    text = f.read()
+  text = fileio.read_text(path)
   parts = text.split(SEPARATOR) if SEPARATOR in text else re.split(r'\n\s*\n', text)
   docs = [d.strip() for d in parts]
   docs = [d for d in docs if d]
@@ -145,7 +145,7 @@ def read_mc(path: str) -> list[dict[str, Any]]:
   """JSONL rows {"context": str, "choices": [str, ...], "label": int, "delimiter": " " (optional)}."""
   import json
   rows = []
-  with open(path, encoding='utf-8') as f:
+  with fileio.open_text(path) as f:
     for n, line in enumerate(f, start=1):
       if not line.strip():
         continue

@@ -10,8 +10,10 @@ study.json (settings, KV cache, ranks, held-out NLL before and after distillatio
 curve, wall time, throughput). `report.py` turns them into results/*.md tables and plots.
 
 Evaluation (the README definition): all 1000 held-out TinyStories validation stories, and the
-first 1000 paragraphs of tiny-shakespeare (out of domain), after training; the 1000 stories alone
-before training. Distillation reads tinystories_train_2MiB.txt only.
+first 1000 paragraphs of tiny-shakespeare (out of domain), and story completion (eval.story_mc:
+the true last sentence of each of the first 500 stories among 4 endings, xecomla/story_mc.py),
+after training and for the teacher; the 1000 stories alone before training. Distillation reads
+tinystories_train_2MiB.txt only.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ def config_for(over: dict):
   c.eval.extra_max_docs = 1000   # tiny-shakespeare paragraphs (out of domain)
   c.eval.teacher = False
   c.eval.sample_tokens = 60
+  c.eval.story_mc = 500          # story completion on the first 500 held-out stories (demo: 200)
   c.train.log_every = 25
   c.train.ckpt_every = 10_000
   for k, v in over.items():
@@ -87,6 +90,7 @@ def run_one(spec: dict) -> dict:
   c = config_for(spec['over'])
   c.stages = 'init,eval'
   c.eval.extra_paths = ''
+  c.eval.story_mc = 0  # scored after training only
   before = pipeline.run(c, workdir)['eval']['student']
   out = {**spec, 'before': before, 'kv_values_per_token': before['kv_values_per_token'],
          'kv_fraction': before['kv_report']['kv_fraction'], 'ranks': before['ranks']}
@@ -123,6 +127,7 @@ def teacher_row() -> dict:
   r = pipeline.run(c, workdir)['eval']['teacher']
   c.eval.max_docs = 200
   c.eval.extra_paths = ''
+  c.eval.story_mc = 0
   r['first200_nll'] = pipeline.run(c, workdir)['eval']['teacher']['nll']
   os.makedirs(_RUNS.value, exist_ok=True)
   with open(path, 'w') as f:

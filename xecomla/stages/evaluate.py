@@ -1,6 +1,7 @@
 """Stage `eval`: the teacher and the latest student (dpo, else distill, else init) on every
-evaluation text (README definition), multiple-choice tasks, the KV-cache report and a greedy
-sample; writes W/results.json and W/results.md."""
+evaluation text (README definition), multiple-choice tasks (with eval.story_mc, also story
+completion built from eval.path: W/story_mc.jsonl), the KV-cache report and a greedy sample; writes
+W/results.json and W/results.md."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import os
 import time
 from typing import Any
 
+from etils import epath
+
 from xecomla import eval as evaluation
-from xecomla import data_checks, fileio, generate, workdir as wd
+from xecomla import data_checks, distributed, fileio, generate, story_mc, workdir as wd
 from xecomla.cli import UsageError
 from xecomla.models import kvcache, transformer
 from xecomla.models.config import LlamaConfig, MLAConfig
@@ -19,7 +22,7 @@ from xecomla.tokenizer import Tokenizer
 def text_paths(config) -> list[str]:
   paths = [config.eval.path] + [p for p in config.eval.extra_paths.split(',') if p]
   for p in paths:
-    if p and not os.path.exists(p):
+    if p and not epath.Path(p).exists():
       raise UsageError(f'evaluation text {p} does not exist: fix eval.path / eval.extra_paths.')
   return [p for p in paths if p]
 
@@ -27,9 +30,27 @@ def text_paths(config) -> list[str]:
 def mc_paths(config) -> list[str]:
   paths = [p for p in config.eval.mc_paths.split(',') if p]
   for p in paths:
-    if not os.path.exists(p):
+    if not epath.Path(p).exists():
       raise UsageError(f'multiple-choice file {p} does not exist: fix eval.mc_paths.')
   return paths
+
+
+def story_rows(config) -> list[dict[str, Any]]:
+  """The eval.story_mc story-completion items built from all of eval.path's stories
+  (xecomla/story_mc.py): UsageError when the settings or the stories cannot make them."""
+  n, k = config.eval.story_mc, config.eval.story_mc_choices
+  if n < 0 or k < 2:
+    raise UsageError(f'eval.story_mc={n}, eval.story_mc_choices={k}: give story_mc >= 0 items '
+                     '(0 = off) and story_mc_choices >= 2.')
+  if not config.eval.path:
+    raise UsageError('eval.story_mc needs the held-out stories of eval.path: set eval.path, or '
+                     'eval.story_mc=0.')
+  try:
+    return story_mc.build_rows(evaluation.read_documents(config.eval.path), items=n, choices=k,
+                               seed=config.eval.story_mc_seed)
+  except ValueError as e:
+    raise UsageError(f'eval.story_mc: {config.eval.path}: {e}: lower eval.story_mc or '
+                     'eval.story_mc_choices.') from e
 
 
 def max_len(config, llama: LlamaConfig) -> int:
@@ -64,10 +85,14 @@ def validate(config, workdir: str | None, teacher, stages: list[str]) -> None:
       raise UsageError(f'eval.mc_paths: {str(e).rstrip(".")}: fix or remove that line.') from e
     if not rows:
       raise UsageError(f'eval.mc_paths: {p} holds no question: give a JSONL file of questions.')
+  if config.eval.story_mc:
+    story_rows(config)
 
 
-def evaluate_model(model, tokenizer: Tokenizer, config, teacher: LlamaConfig) -> dict[str, Any]:
-  """NLL on every evaluation text, multiple-choice accuracy, the KV report, a greedy sample."""
+def evaluate_model(model, tokenizer: Tokenizer, config, teacher: LlamaConfig,
+                   story_path: str = '') -> dict[str, Any]:
+  """NLL on every evaluation text, multiple-choice accuracy (the rows of `story_path` as task
+  'story_mc'), the KV report, a greedy sample."""
   llama = model.llama
   out: dict[str, Any] = {}
   texts = {}
@@ -91,6 +116,10 @@ def evaluate_model(model, tokenizer: Tokenizer, config, teacher: LlamaConfig) ->
   for path in mc_paths(config):
     tasks[os.path.basename(path)] = evaluation.multiple_choice(
         model, tokenizer, path, bos_id=llama.bos_id, max_len=max_len(config, llama))
+  if story_path:
+    tasks['story_mc'] = {**evaluation.multiple_choice(
+        model, tokenizer, story_path, bos_id=llama.bos_id, max_len=max_len(config, llama)),
+                         'choices': config.eval.story_mc_choices}
   if tasks:
     out['tasks'] = tasks
   report = kvcache.kv_report(model.config, dtype_bytes=2, context=llama.max_seq_len,
@@ -100,7 +129,7 @@ def evaluate_model(model, tokenizer: Tokenizer, config, teacher: LlamaConfig) ->
   if config.eval.sample_tokens:
     g = generate.generate(model, [[llama.bos_id]], min(config.eval.sample_tokens,
                                                         llama.max_seq_len - 1),
-                          cache_dtype=through or 'auto')
+                          eos_ids=llama.eos_ids, cache_dtype=through or 'auto')
     out['sample_ids'] = [llama.bos_id] + g['tokens'][0]
     out['sample'] = tokenizer.decode(out['sample_ids'])
   return out
@@ -126,9 +155,14 @@ def run(config, workdir: str) -> dict[str, Any]:
   directory, llama, params = wd.load_teacher(config, workdir)
   tokenizer = Tokenizer(directory)
   results: dict[str, Any] = {}
+  story_path = os.path.join(workdir, 'story_mc.jsonl') if config.eval.story_mc else ''
+  # the items scored, kept for other harnesses (lm-evaluation-harness); process 0 writes them
+  if story_path and distributed.is_writer():
+    fileio.atomic_write_text(story_path, story_mc.to_jsonl(story_rows(config)))
+  distributed.barrier('xecomla_story_mc')  # the others read what process 0 wrote
   if config.eval.teacher:
     results['teacher'] = {'path': directory, **evaluate_model(
-        transformer.from_params(llama, params, **model_kw), tokenizer, config, llama)}
+        transformer.from_params(llama, params, **model_kw), tokenizer, config, llama, story_path)}
   found = wd.latest_student(workdir)
   if found is not None:
     stage, student_cfg, student_params, meta = found
@@ -139,7 +173,8 @@ def run(config, workdir: str) -> dict[str, Any]:
                                               for p in student_cfg.rope_pairs],
         'latent_norm': student_cfg.latent_norm,
         **evaluate_model(transformer.from_params(student_cfg, student_params, **model_kw),
-                         tokenizer, config, llama)}
-  fileio.atomic_write_json(os.path.join(workdir, 'results.json'), results)
-  fileio.atomic_write_text(os.path.join(workdir, 'results.md'), results_markdown(results))
+                         tokenizer, config, llama, story_path)}
+  if distributed.is_writer():  # every process computed the same results
+    fileio.atomic_write_json(os.path.join(workdir, 'results.json'), results)
+    fileio.atomic_write_text(os.path.join(workdir, 'results.md'), results_markdown(results))
   return results
