@@ -11,11 +11,20 @@ venv="${XECOMLA_VENV:-.venv}"
 stamp="$venv/.xecomla-setup"
 want="$(sha256sum setup.cfg | cut -d' ' -f1)"
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "setting up $venv (pinned dependencies from setup.cfg)..." >&2
+  echo "setting up $venv (pinned dependencies from setup.cfg; about a minute)..." >&2
   python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --upgrade pip
-  "$venv/bin/python" -m pip install -q -e ".[test]"
+  # pip's output (progress, notices, the editable install's warnings) goes to a log file, shown
+  # only when the install fails.
+  log="$venv/pip-install.log"
+  if ! { "$venv/bin/python" -m pip install --upgrade pip \
+         && "$venv/bin/python" -m pip install -e ".[test]"; } >"$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    echo "error: installing the dependencies failed (pip's last lines above, all of them in" \
+         "$log): fix what pip names and rerun" >&2
+    exit 1
+  fi
   echo "$want" > "$stamp"
+  echo "set up $venv in ${SECONDS} s (pip's log: $log)" >&2
 fi
 # The test extra brings libtpu (for ahead-of-time TPU compiles); on a machine without an
 # accelerator, keep jax on the CPU so that it does not probe for a TPU at start-up.

@@ -5,7 +5,13 @@
 
 Runs `config.stages` (comma-separated, from init, distill, dpo, eval, export) in order; each
 stage resumes from its own checkpoints in the work directory. Bad input ends with one line on
-stderr naming the problem and the fix, and exit status 2.
+stderr naming the problem and the fix, and exit status 2. The console shows progress, stage
+summaries, warnings and results; the libraries' INFO logs go to W/logs/ (xecomla/console.py;
+--verbosity=0 shows them too).
+
+Several processes, one job (xecomla/distributed.py): add --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I to each (nothing on Cloud TPU VMs or under SLURM: jax detects
+them); process 0 writes the reports, metrics, results and exports, all write checkpoints.
 """
 
 from __future__ import annotations
@@ -13,16 +19,26 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from xecomla import pipeline
+from xecomla import console, distributed, pipeline
 from xecomla.cli import EXIT_USAGE, UsageError, fail_cleanly
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config (configs/*.py[:arg]).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Work directory (default runs/<config name>).')
 _SHOW = flags.DEFINE_bool('show_config', False, 'Print every config field (dotted name = value) '
                           'and exit.')
+# Several processes (xecomla/distributed.py): all three flags, or none (jax detects Cloud TPU VMs
+# and SLURM by itself).
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'HOST:PORT of process 0, for a job of several processes.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
+_HEARTBEAT = flags.DEFINE_integer('heartbeat_timeout', 60, 'Seconds without a heartbeat after '
+                                  'which a process counts as dead and the others stop.')
+_INIT_TIMEOUT = flags.DEFINE_integer('initialization_timeout', 300, 'Seconds for every process '
+                                     'to join the job.')
 
 
 def one_line(e: Exception) -> str:
@@ -113,11 +129,17 @@ def main(argv):
   if _SHOW.value:
     print('\n'.join(config_lines(config)))
     return
+  console.setup()  # what reaches the console and what only the log file: xecomla/console.py
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS['config'].config_filename)
-  logging.info('workdir %s', workdir)
+  distributed.initialize(distributed.Options(
+      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+      initialization_timeout=_INIT_TIMEOUT.value, heartbeat_timeout=_HEARTBEAT.value))
+  console.say('work directory %s', workdir)
   out = pipeline.run(config, workdir)
-  print_summary(out.get('eval', {}))
-  print(f'results in {workdir}')
+  if distributed.is_writer():
+    print_summary(out.get('eval', {}))
+    log = console.log_path()
+    print(f'results in {workdir}' + (f' (full log: {log})' if log else ''))
 
 
 if __name__ == '__main__':
