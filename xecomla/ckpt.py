@@ -17,71 +17,37 @@ the command line) names them all. Sizes, not hashes: truncation, half-written sa
 items change sizes or existence, which costs a stat per file; a sha256 would also catch same-size
 bit rot but reads every byte twice (save and restore), minutes for a multi-GB optimiser state.
 Orphaned orbax tmp directories (a save that never finished) are ignored, with a warning.
+
+Paths. `directory` may be a gs:// URI: orbax writes and reads it itself (tensorstore), and it is
+passed to orbax unchanged (a local path is made absolute; a URI never is, which would turn
+'gs://b/w' into a local folder './gs:/b/w'). This module's own listing, tmp-directory cleanup
+and manifest go through etils.epath. orbax 0.12.8 lists the steps of a gs:// directory only with
+`google-cloud-storage` installed (it asks the bucket whether it has a hierarchical namespace).
 """
 
 from __future__ import annotations
 
-import glob
+import fnmatch
 import os
-import shutil
 import sys
 from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+from grain import checkpoint as grain_checkpoint
 from absl import logging
 from jax.experimental import multihost_utils
 
 from xecomla import faults, fileio
+from xecomla.ckpt_manifest import COMMIT, MANIFEST, check_step_dir, manifest_of  # noqa: F401
 
 JSON_ITEMS = ('meta', 'data')
-MANIFEST = 'xecomla_manifest.json'
-COMMIT = 'commit_success.txt'
 TMP = '.orbax-checkpoint-tmp'
 
 
 class NoValidCheckpoint(FileNotFoundError):
   """A stage directory holds checkpoints, but none of them can be read."""
-
-
-def manifest_of(step_dir: str) -> dict:
-  """{'items': [...], 'files': {relative path: size}} of the item subdirectories of a step."""
-  items = sorted(n for n in os.listdir(step_dir) if os.path.isdir(os.path.join(step_dir, n)))
-  files = {}
-  for item in items:
-    for root, _, names in os.walk(os.path.join(step_dir, item)):
-      for n in names:
-        p = os.path.join(root, n)
-        files[os.path.relpath(p, step_dir)] = os.path.getsize(p)
-  return {'items': items, 'files': files}
-
-
-def check_step_dir(step_dir: str, items: tuple[str, ...] = ()) -> str | None:
-  """Why the step directory cannot be restored, or None if it looks complete."""
-  if not os.path.isdir(step_dir):
-    return 'missing'
-  if not os.path.exists(os.path.join(step_dir, COMMIT)):
-    return f'half-written: no {COMMIT}'
-  path = os.path.join(step_dir, MANIFEST)
-  if os.path.exists(path):
-    try:
-      manifest = fileio.read_json(path)
-      files = manifest['files']
-    except (ValueError, KeyError, OSError) as e:
-      return f'{MANIFEST} unreadable ({e})'
-    for item in manifest.get('items', []):
-      if not os.path.isdir(os.path.join(step_dir, item)):
-        return f'item {item!r} is missing'
-    for rel, size in sorted(files.items()):
-      p = os.path.join(step_dir, rel)
-      if not os.path.exists(p):
-        return f'{rel} is missing'
-      if os.path.getsize(p) != size:
-        return f'{rel} is {os.path.getsize(p)} bytes, {size} were written (truncated?)'
-  for item in items:
-    if not os.path.exists(os.path.join(step_dir, item, COMMIT)):
-      return f'item {item!r} is missing'
-  return None
 
 
 def _quiet_closed_loop_callbacks() -> None:
@@ -103,10 +69,12 @@ def _quiet_closed_loop_callbacks() -> None:
 class StageCheckpoints:
 
   def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    directory = os.fspath(directory)
+    self.directory = os.path.abspath(directory) if fileio.is_local(directory) else directory
     self._saving: int | None = None
     self._async = async_save
     self._warned: set[str] = set()
+    self._json_data = False  # whether 'data' is (restored, so saved) as JSON, not grain's item
     async_options = (ocp.AsyncOptions(post_finalization_callback=self._before_commit)
                      if async_save else None)
     self._manager = ocp.CheckpointManager(
@@ -118,6 +86,17 @@ class StageCheckpoints:
   def step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
+  def _matching(self, pattern: str, under: str | None = None) -> list[str]:
+    """Sorted paths of the entries of `under` (default the stage directory) whose names match
+    `pattern` (as glob.glob, hidden names too only for a pattern starting with '.'), through
+    epath: one listing, also on gs://."""
+    d = epath.Path(under or self.directory)
+    if not d.is_dir():
+      return []
+    hidden = pattern.startswith('.')
+    return sorted(os.fspath(p) for p in d.iterdir()
+                  if fnmatch.fnmatch(p.name, pattern) and (hidden or not p.name.startswith('.')))
+
   def latest_step(self) -> int | None:
     """The newest committed step, damaged or not (see latest_valid_step)."""
     steps = self.all_steps()
@@ -125,7 +104,7 @@ class StageCheckpoints:
 
   def all_steps(self) -> list[int]:
     """Steps with a step directory (orbax's, plus any without a commit marker)."""
-    on_disk = [int(n) for n in os.listdir(self.directory) if n.isdigit()]
+    on_disk = [int(p.name) for p in epath.Path(self.directory).iterdir() if p.name.isdigit()]
     return sorted(set(self._manager.all_steps()) | set(on_disk))
 
   def check(self, step: int, items: tuple[str, ...] = ()) -> str | None:
@@ -142,7 +121,7 @@ class StageCheckpoints:
     step = self._saving
     try:
       if step is not None and jax.process_index() == 0:
-        dirs = sorted(glob.glob(os.path.join(self.directory, f'{step}{TMP}*')))
+        dirs = self._matching(f'{step}{TMP}*')
         target = dirs[-1] if dirs else self.step_dir(step)
         fileio.atomic_write_json(os.path.join(target, MANIFEST), manifest_of(target))
     except OSError as e:  # never fail the save over its manifest: orbax's checks still apply
@@ -150,21 +129,24 @@ class StageCheckpoints:
     if step is not None:
       faults.at('during_save', step)
 
-  def save(self, step: int, *, params: Any, meta: dict, opt: Any = None, data: dict | None = None,
+  def save(self, step: int, *, params: Any, meta: dict, opt: Any = None, data: Any = None,
            force: bool = True) -> bool:
     if step in self._manager.all_steps():
       return False
     items = {'params': ocp.args.StandardSave(params), 'meta': ocp.args.JsonSave(meta)}
     if opt is not None:
       items['opt'] = ocp.args.StandardSave(opt)
-    if data is not None:
-      items['data'] = ocp.args.JsonSave(data)
+    if data is not None:  # a grain iterator: one state file per process (grain's handler)
+      if self._json_data and not isinstance(data, dict):  # orbax keeps an item's first handler
+        data = data.get_state()
+      items['data'] = (ocp.args.JsonSave(data) if isinstance(data, dict)
+                       else grain_checkpoint.CheckpointSave(data))
     self._manager.wait_until_finished()
     self._saving = step
     saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
     if saved and not self._async:  # synchronous: already committed
       d = self.step_dir(step)
-      if jax.process_index() == 0 and os.path.isdir(d):
+      if jax.process_index() == 0 and epath.Path(d).is_dir():
         fileio.atomic_write_json(os.path.join(d, MANIFEST), manifest_of(d))
     return saved
 
@@ -172,24 +154,31 @@ class StageCheckpoints:
     """Deletes a (damaged) step and any unfinished save of it, so that it can be written again;
     with no step, every unfinished save. Only the first process deletes; all wait for it."""
     pattern = f'*{TMP}*' if step is None else f'{step}{TMP}*'
-    dirs = glob.glob(os.path.join(self.directory, pattern))
+    dirs = self._matching(pattern)
     if step is not None:
       dirs.append(self.step_dir(step))
     if jax.process_index() == 0:
       for d in dirs:
-        shutil.rmtree(d, ignore_errors=True)
+        try:
+          epath.Path(d).rmtree(missing_ok=True)
+        except OSError as e:  # as shutil.rmtree(ignore_errors=True): orbax's reload still runs
+          logging.warning('checkpoint %s could not be deleted (%s)', d, e)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'xecomla_discard_{step}')
     self._manager.reload()
 
   # -- restoring ---------------------------------------------------------------------------------
 
-  @staticmethod
-  def _restore_args(abstract: dict[str, Any] | None, items: tuple[str, ...]) -> dict[str, Any]:
+  def _restore_args(self, step: int, abstract: dict[str, Any] | None, items: tuple[str, ...],
+                    iterator: Any = None) -> dict[str, Any]:
     args = {}
     for name in items:
-      if name in JSON_ITEMS:
+      grain_files = self._matching('process_*-of-*.json', os.path.join(self.step_dir(step), name))
+      if name == 'data' and iterator is not None and grain_files:
+        args[name] = grain_checkpoint.CheckpointRestore(iterator)  # sets its state in place
+      elif name in JSON_ITEMS:  # meta, and the data state of checkpoints from before grain's
         args[name] = ocp.args.JsonRestore()
+        self._json_data = self._json_data or name == 'data'  # then saved as JSON, as they were
       else:
         if not abstract or name not in abstract:
           raise ValueError(f'restoring {name!r} needs its abstract tree')
@@ -197,13 +186,14 @@ class StageCheckpoints:
     return args
 
   def restore(self, step: int | None = None, *, abstract: dict[str, Any] | None = None,
-              items: tuple[str, ...] | Callable[[int], tuple[str, ...]] = ('params', 'meta')
-              ) -> dict[str, Any]:
+              items: tuple[str, ...] | Callable[[int], tuple[str, ...]] = ('params', 'meta'),
+              iterator: Any = None) -> dict[str, Any]:
     """Restores `items` of `step`, or of the latest usable step (falling back past damaged ones,
     each named in a warning). `items` may be a function of the step. `abstract` maps 'params' /
-    'opt' to trees of jax.ShapeDtypeStruct (with shardings) to restore into."""
+    'opt' to trees of jax.ShapeDtypeStruct (with shardings) to restore into; 'data' restores into
+    `iterator` (a grain iterator, its state set in place), or as a JSON dict from older steps."""
     items_of = items if callable(items) else (lambda _: items)
-    for tmp in sorted(set(glob.glob(os.path.join(self.directory, f'*{TMP}*'))) - self._warned):
+    for tmp in sorted(set(self._matching(f'*{TMP}*')) - self._warned):
       self._warned.add(tmp)
       logging.warning('checkpoint %s was never completed (a save that did not finish): ignored',
                       tmp)
@@ -215,7 +205,7 @@ class StageCheckpoints:
       wanted = tuple(items_of(s))
       reason = self.check(s, wanted)
       if reason is None:
-        args = self._restore_args(abstract, wanted)
+        args = self._restore_args(s, abstract, wanted, iterator)
         try:
           out = dict(self._manager.restore(s, args=ocp.args.Composite(**args)))
           return {**out, 'step': s}

@@ -1,15 +1,17 @@
-"""Runs the stages of config.stages in order; each resumes from its own checkpoints."""
+"""Runs the stages of config.stages in order; each resumes from its own checkpoints. The work
+directory may be a gs:// URI (etils.epath; see xecomla/workdir.py)."""
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import time
 from typing import Any
 
-from absl import logging
+from etils import epath
 
-from xecomla import fileio, workdir as wd
+from xecomla import console, distributed, fileio, hub, workdir as wd
 from xecomla.cli import UsageError
 
 STAGES = ('init', 'distill', 'dpo', 'eval', 'export')
@@ -26,11 +28,13 @@ def parse_stages(stages: str) -> list[str]:
   return names
 
 
-def validate(config, stages: list[str], workdir: str | None = None) -> None:
+def validate(config, stages: list[str], workdir: str | None = None) -> dict:
   """Checks everything that can be checked before anything is written, from cheap facts only
   (the teacher's config.json and safetensors headers or llama2.c header, the first document of a
   text file, JSONL rows, the work directory's config.json and checkpoint metadata): one clear error
-  per problem. With `workdir`, also that resuming it is consistent with this config."""
+  per problem. With `workdir`, also that resuming it is consistent with this config. Hub ids are
+  resolved first (a model not cached is downloaded into the Hugging Face cache, not the work
+  directory); returns what they resolved to (hub.resolve_config)."""
   wd.model_kwargs(config, train=True)
   wd.frozen_dtype(config)
   for name in ('steps', 'batch_size', 'seq_len', 'accum', 'log_every', 'ckpt_every', 'keep',
@@ -42,30 +46,38 @@ def validate(config, stages: list[str], workdir: str | None = None) -> None:
                      'document): raise it, e.g. to 2048.')
   if config.train.lr <= 0:
     raise UsageError(f'train.lr={config.train.lr} must be positive: raise it.')
-  if workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
+  if workdir and epath.Path(workdir).exists() and not epath.Path(workdir).is_dir():
     raise UsageError(f'--workdir {workdir} is a file: give a directory.')
+  resolved = hub.resolve_config(config, workdir)  # Hub ids -> cached (or downloaded) snapshots
   teacher = wd.check_teacher(config.teacher.path, config.teacher.tokenizer, workdir)
   checked = set(stages) | {'init'}  # the mla settings and the resume check always apply
   for stage in STAGES:
     if stage in checked:
       module = importlib.import_module(f'xecomla.stages.{MODULES[stage]}')
       module.validate(config, workdir, teacher, stages)
+  return resolved
 
 
 def run(config, workdir: str) -> dict[str, Any]:
   """Runs config.stages in order; returns what each stage returned."""
   stages = parse_stages(config.stages)
-  validate(config, stages, workdir)
-  os.makedirs(workdir, exist_ok=True)
-  fileio.atomic_write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
+  resolved = validate(config, stages, workdir)
+  if distributed.is_writer():
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    record = json.loads(config.to_json_best_effort())
+    if resolved:  # which snapshot (commit) each Hub id named in this run
+      record['resolved'] = resolved
+    fileio.atomic_write_json(os.path.join(workdir, 'config.json'), record)
+  distributed.barrier('xecomla_validated')  # every process checked the work directory as it was
+  console.log_to(workdir)  # the log file (with xecomla.main): W/logs/
   out = {}
   for stage in stages:
     t0 = time.perf_counter()
-    logging.info('stage %s', stage)
+    console.say('stage %s', stage)
     module = importlib.import_module(f'xecomla.stages.{MODULES[stage]}')
     out[stage] = module.run(config, workdir)
-    logging.info('stage %s done in %.1f s', stage, time.perf_counter() - t0)
+    console.say(console.stage_summary(stage, time.perf_counter() - t0, out[stage]))
     if isinstance(out[stage], dict) and out[stage].get('interrupted'):
-      logging.info('stage %s stopped early (train.stop_after): later stages not run', stage)
+      console.say('stage %s stopped early (train.stop_after): later stages not run', stage)
       break
   return out

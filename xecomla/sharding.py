@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from xecomla.cli import UsageError
@@ -57,14 +58,51 @@ def mesh_shape(n: int, data: int = -1, fsdp: int = 1, tensor: int = 1) -> dict[s
   return {'data': data, 'fsdp': fsdp, 'tensor': tensor}
 
 
+def device_grid(sizes: dict[str, int], devices: Sequence[jax.Device]) -> np.ndarray:
+  """The devices laid out as a (data, fsdp, tensor) grid, topology-aware (jax's mesh_utils:
+  neighbouring chips on the inner axes). Devices of several slices (multislice TPU) go slice by
+  slice along `data`, the only axis that crosses the slower data-centre network (DCN)."""
+  from jax.experimental import mesh_utils
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  slices = len({getattr(d, 'slice_index', 0) for d in devices})
+  if slices > 1:
+    if sizes['data'] % slices:
+      raise UsageError(f'{len(devices)} devices in {slices} slices: mesh.data={sizes["data"]} must '
+                       f'be a multiple of {slices} (only the data axis crosses slices).')
+    return mesh_utils.create_hybrid_device_mesh(
+        (sizes['data'] // slices,) + shape[1:], (slices, 1, 1), devices,
+        allow_split_physical_axes=True)
+  try:
+    return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  except (ValueError, NotImplementedError, AssertionError) as e:  # no physical layout for it
+    logging.warning('mesh %s: no topology-aware layout (%s): devices in id order', shape, e)
+    return np.asarray(sorted(devices, key=lambda d: d.id)).reshape(shape)
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A (data, fsdp, tensor) mesh over `devices` (default all), sizes as `mesh_shape` gives them."""
+  """A (data, fsdp, tensor) mesh over `devices` (default all, of every process), sizes as
+  `mesh_shape` gives them, laid out by `device_grid`."""
   devices = list(devices if devices is not None else jax.devices())
   sizes = mesh_shape(len(devices), data, fsdp, tensor)
-  grid = np.asarray(devices).reshape(tuple(sizes[a] for a in MESH_AXES))
-  return jax.sharding.Mesh(grid, MESH_AXES,
+  return jax.sharding.Mesh(device_grid(sizes, devices), MESH_AXES,
                            axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def put(tree: Any, shardings: Any) -> Any:
+  """Host (numpy) or device arrays -> global arrays with `shardings`. With several processes each
+  builds only its addressable shards from its host copy (`make_array_from_callback`), instead of
+  `jax.device_put`, which would compare the host data across processes leaf by leaf."""
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+
+  def one(x, s):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return jax.device_put(x, s)  # already global: a reshard
+    host = np.asarray(x)  # a local (fully addressable) array or host data: this process's copy
+    return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+
+  return jax.tree.map(one, tree, shardings)
 
 
 def _axes_size(mesh, axes) -> int:
@@ -108,6 +146,14 @@ def batch_sharding(mesh) -> NamedSharding:
   """Rows over data x fsdp, the sequence axis whole."""
   axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
   return NamedSharding(mesh, P(axes if axes else None))
+
+
+def process_rows(sharding: NamedSharding, shape: tuple[int, ...]) -> slice:
+  """The rows of a global array of `shape` that this process's devices hold (one block: the mesh
+  keeps each process's devices together along the batch axes)."""
+  rows = [index[0].indices(shape[0])[:2] for index in
+          sharding.addressable_devices_indices_map(shape).values()]
+  return slice(min(r[0] for r in rows), max(r[1] for r in rows))
 
 
 def check_batch(batch_size: int, mesh, what: str = 'train.batch_size') -> None:

@@ -6,6 +6,9 @@ W/init/                the SVD-initialised student: ckpt/, report.json, report.m
 W/distill/, W/dpo/     training stages: ckpt/, metrics.jsonl, tb/
 W/results.json, .md    what `eval` measured
 W/export/hf/           the Hugging Face export
+
+W and the model paths may be gs:// URIs: every check and read here goes through etils.epath
+(xecomla/fileio.py), and no URI is made absolute (os.path.abspath would make it a local path).
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ import json
 import os
 from typing import Any
 
+import jax
 from absl import logging
+from etils import epath
 
-from xecomla import ckpt
+from xecomla import ckpt, distributed, fileio, hub
 from xecomla.cli import UsageError
 from xecomla.convert import hf, llama2c
 from xecomla.models import transformer
@@ -43,14 +48,17 @@ def has_checkpoint(workdir: str, stage: str) -> bool:
 # Teacher
 # ----------------------------------------------------------------------------------------------
 
-def hf_dir(path: str, tokenizer: str, workdir: str, name: str = 'teacher_hf') -> str:
-  """A Hugging Face Llama directory for `path`: itself, or its conversion (llama2.c .bin)."""
+def hf_dir(path: str, tokenizer: str, workdir: str, name: str = 'teacher_hf',
+           field: str = 'teacher.path') -> str:
+  """A Hugging Face Llama directory for `path`: itself, its Hub snapshot (a Hub id), or its
+  conversion (llama2.c .bin)."""
   if not path:
-    raise UsageError('teacher.path is empty: set --config.teacher.path to a Hugging Face Llama '
-                     'directory or a llama2.c .bin.')
-  if os.path.isdir(path):
+    raise UsageError(f'{field} is empty: set --config.{field} to a Hugging Face Llama directory, '
+                     'a Hub id or a llama2.c .bin.')
+  path = hub.resolve(path, field)
+  if epath.Path(path).is_dir():
     return path
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise UsageError(f'teacher path {path} does not exist: point it to a Hugging Face Llama '
                      'directory or a llama2.c .bin (is ../shared/data beside the project?).')
   if not path.endswith('.bin'):
@@ -59,36 +67,39 @@ def hf_dir(path: str, tokenizer: str, workdir: str, name: str = 'teacher_hf') ->
     raise UsageError(f'teacher path {path} is a llama2.c checkpoint: set teacher.tokenizer to '
                      'its tok*.bin.')
   out = os.path.join(workdir, name)
-  if not os.path.exists(os.path.join(out, 'config.json')):
+  if not epath.Path(out, 'config.json').exists() and distributed.is_writer():
     logging.info('converting llama2.c %s -> %s', path, out)
-    if os.path.isdir(out) and not os.listdir(out):
-      os.rmdir(out)
+    if epath.Path(out).is_dir() and not fileio.is_nonempty_dir(out):
+      epath.Path(out).rmdir()
     llama2c.convert(path, tokenizer, out)
+  distributed.barrier('xecomla_teacher_hf')  # the others read what process 0 converted
   return out
 
 
 def check_teacher(path: str, tokenizer: str, workdir: str | None, name: str = 'teacher_hf',
                   field: str = 'teacher.path') -> LlamaConfig:
   """What `hf_dir` would give, checked from cheap facts only (config.json and safetensors headers,
-  or the llama2.c header, size and tokenizer), writing nothing."""
+  or the llama2.c header, size and tokenizer), writing nothing (but the Hugging Face cache, when a
+  Hub id not cached there is downloaded: hub.py)."""
   if not path:
-    raise UsageError(f'{field} is empty: set --config.{field} to a Hugging Face Llama directory '
-                     'or a llama2.c .bin.')
-  if os.path.isdir(path):
+    raise UsageError(f'{field} is empty: set --config.{field} to a Hugging Face Llama directory, '
+                     'a Hub id or a llama2.c .bin.')
+  path = hub.resolve(path, field)
+  if epath.Path(path).is_dir():
     return hf.check_llama_dir(path)
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise UsageError(f'{field}={path} does not exist: point it to a Hugging Face Llama directory '
                      'or a llama2.c .bin (is ../shared/data beside the project?).')
   if not path.endswith('.bin'):
     raise UsageError(f'{field}={path} is a file but not a llama2.c .bin: give a Hugging Face '
                      'Llama directory.')
   converted = os.path.join(workdir, name) if workdir else None
-  if converted and os.path.exists(os.path.join(converted, 'config.json')):
+  if converted and epath.Path(converted, 'config.json').exists():
     return hf.check_llama_dir(converted)
   if not tokenizer:
     raise UsageError(f'{field}={path} is a llama2.c checkpoint: set teacher.tokenizer to its '
                      'tok*.bin.')
-  if not os.path.isfile(tokenizer):
+  if not epath.Path(tokenizer).is_file():
     raise UsageError(f'teacher.tokenizer={tokenizer} does not exist: set it to the tok*.bin of '
                      f'{path}.')
   config = llama2c.read_config(path)
@@ -106,10 +117,10 @@ def check_teacher(path: str, tokenizer: str, workdir: str | None, name: str = 't
 
 def converted_dir(path: str, workdir: str, name: str = 'teacher_hf') -> str | None:
   """The Hugging Face directory of a teacher if it exists already (itself, or its conversion)."""
-  if os.path.isdir(path):
+  if epath.Path(path).is_dir():
     return path
   out = os.path.join(workdir, name)
-  return out if os.path.exists(os.path.join(out, 'config.json')) else None
+  return out if epath.Path(out, 'config.json').exists() else None
 
 
 def teacher_dir(config, workdir: str) -> str:
@@ -126,14 +137,21 @@ def load_teacher(config, workdir: str) -> tuple[str, LlamaConfig, dict]:
 # Student
 # ----------------------------------------------------------------------------------------------
 
-def load_student_from(workdir: str, stage: str, step: int | None = None) -> tuple[MLAConfig, dict, dict]:
-  """(architecture, float32 parameters, meta) of a stage's checkpoint (default its latest)."""
+def load_student_from(workdir: str, stage: str, step: int | None = None,
+                      shardings: Any = None) -> tuple[MLAConfig, dict, dict]:
+  """(architecture, float32 parameters, meta) of a stage's checkpoint (default its latest).
+  With `shardings`, restored straight into them: each process reads only its devices' shards."""
   cks = checkpoints(workdir, stage)
   try:
     meta = cks.read_meta(step)
     cfg = MLAConfig.from_dict(meta['model'])
-    restored = cks.restore(step, abstract={'params': transformer.abstract_params(cfg)},
-                           items=('params',))
+    abstract = transformer.abstract_params(cfg)
+    if shardings is None and jax.process_count() > 1:  # a whole copy on a local device each
+      local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      shardings = jax.tree.map(lambda _: local, abstract)
+    if shardings is not None:
+      abstract = ckpt.abstract_like(abstract, shardings)
+    restored = cks.restore(step, abstract={'params': abstract}, items=('params',))
   finally:
     cks.close()
   return cfg, restored['params'], meta
@@ -141,7 +159,8 @@ def load_student_from(workdir: str, stage: str, step: int | None = None) -> tupl
 
 def latest_step_dir(workdir: str, stage: str) -> str | None:
   d = os.path.join(stage_dir(workdir, stage), 'ckpt')
-  steps = [int(n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
+  steps = ([int(p.name) for p in epath.Path(d).iterdir() if p.name.isdigit()]
+           if epath.Path(d).is_dir() else [])
   return os.path.join(d, str(max(steps))) if steps else None
 
 
@@ -153,8 +172,7 @@ def peek_meta(workdir: str, stage: str) -> dict | None:
     return None
   path = os.path.join(step, 'meta', 'metadata')
   try:
-    with open(path) as f:
-      return json.load(f)
+    return fileio.read_json(path)
   except (OSError, ValueError) as e:
     raise UsageError(f'{path} cannot be read ({e}): the work directory {workdir} is damaged; use a '
                      'new --workdir, or delete it to start fresh.') from e
@@ -186,7 +204,7 @@ def _normalised(section: str, values: dict) -> dict:
   if section == 'mla' and not out.get('r_q'):
     out['r_q'] = None  # 0 and None both mean an uncompressed query
   if section == 'teacher':
-    out = {k: os.path.abspath(v) if isinstance(v, str) and v else v for k, v in out.items()}
+    out = {k: hub.normalised(v) if isinstance(v, str) and v else v for k, v in out.items()}
   return out
 
 
@@ -195,10 +213,9 @@ def check_resume(config, workdir: str, init_options: dict[str, Any]) -> None:
   config.json, or the options its init student records): resuming would mix two experiments."""
   fix = FRESH.format(w=workdir)
   path = os.path.join(workdir, 'config.json')
-  if os.path.exists(path):
+  if epath.Path(path).exists():
     try:
-      with open(path) as f:
-        old = json.load(f)
+      old = fileio.read_json(path)
     except (OSError, ValueError) as e:
       raise UsageError(f'{path} is not valid JSON ({e}): {fix}.') from e
     new = json.loads(config.to_json_best_effort())

@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from absl import logging
+from etils import epath
 
-from xecomla import export, fileio, workdir as wd
+from xecomla import console, distributed, export, fileio, workdir as wd
 from xecomla.cli import UsageError
 
 
@@ -28,20 +28,22 @@ def export_latest(workdir: str, out: str, *, deepseek: bool = False,
   stage, cfg, params, _ = found
   if tokenizer_dir is None:  # the teacher the student was made from carries the tokenizer
     tokenizer_dir = wd.checkpoints(workdir, 'init').read_meta().get('teacher')
-  if not tokenizer_dir or not os.path.exists(os.path.join(tokenizer_dir, 'tokenizer.json')):
+  if not tokenizer_dir or not epath.Path(tokenizer_dir, 'tokenizer.json').exists():
     raise UsageError(f'no tokenizer.json in {tokenizer_dir}: pass --tokenizer_dir.')
-  export.export_hf(out, cfg, params, tokenizer_dir, deepseek=deepseek,
-                   extra_json={SOURCE: source_of(found)})
-  logging.info('exported the %s student to %s', stage, out)
+  if distributed.is_writer():  # every process read the student (orbax reads collectively)
+    export.export_hf(out, cfg, params, tokenizer_dir, deepseek=deepseek,
+                     extra_json={SOURCE: source_of(found)})
+    console.say('exported the %s student to %s', stage, out)
+  distributed.barrier('xecomla_exported')
   return {'path': out, 'stage': stage, 'deepseek_v3': deepseek}
 
 
 def up_to_date(workdir: str, out: str) -> bool:
   """True if `out` holds an export of the latest student; raises if it holds another one."""
-  if not (os.path.exists(out) and os.listdir(out)):
+  if not fileio.is_nonempty_dir(out):
     return False
   path = os.path.join(out, SOURCE)
-  made_from = fileio.read_json(path) if os.path.exists(path) else None
+  made_from = fileio.read_json(path) if epath.Path(path).exists() else None
   latest = source_of(wd.latest_student(workdir))
   if made_from != latest:
     raise UsageError(f'{out} holds an export of {made_from}, but the latest student is {latest}: '
@@ -80,12 +82,12 @@ def validate(config, workdir: str | None, teacher, stages: list[str]) -> None:
   if config.export.deepseek:
     outs.append(os.path.join(os.path.dirname(outs[0]), 'deepseek_v3'))
   for out in outs:
-    if os.path.isfile(out):
+    if epath.Path(out).is_file():
       raise UsageError(f'export.out={out} is a file: set export.out to a new directory.')
-    if not (os.path.isdir(out) and os.listdir(out)):
+    if not (epath.Path(out).is_dir() and fileio.is_nonempty_dir(out)):
       continue
     path = os.path.join(out, SOURCE)
-    made_from = fileio.read_json(path) if os.path.isfile(path) else None
+    made_from = fileio.read_json(path) if epath.Path(path).is_file() else None
     if made_from is None:
       raise UsageError(f'export directory {out} exists and is not empty: set export.out to a new '
                        'directory, or empty it.')
@@ -98,8 +100,11 @@ def validate(config, workdir: str | None, teacher, stages: list[str]) -> None:
 def run(config, workdir: str) -> dict[str, Any]:
   out = config.export.out or os.path.join(workdir, 'export', 'hf')
   tokenizer_dir = wd.teacher_dir(config, workdir)
-  if up_to_date(workdir, out):
-    logging.info('export: %s already holds the latest student', out)
+  ds = os.path.join(os.path.dirname(out), 'deepseek_v3')
+  existing = up_to_date(workdir, out), config.export.deepseek and up_to_date(workdir, ds)
+  distributed.barrier('xecomla_export_checked')  # every process decided before process 0 writes
+  if existing[0]:
+    console.say('export: %s already holds the latest student', out)
     result = {'path': out, 'existing': True}
   else:
     result = export_latest(workdir, out, tokenizer_dir=tokenizer_dir)
@@ -107,8 +112,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     why = export.deepseek_incompatibility(wd.latest_student(workdir)[1])
     if why:
       raise UsageError(f'export.deepseek: {why}.')
-    ds = os.path.join(os.path.dirname(out), 'deepseek_v3')
-    if not up_to_date(workdir, ds):
+    if not existing[1]:
       export_latest(workdir, ds, deepseek=True, tokenizer_dir=tokenizer_dir)
     result['deepseek_v3_path'] = ds
   return result

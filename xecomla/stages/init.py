@@ -7,9 +7,9 @@ import math
 import os
 from typing import Any
 
-from absl import logging
+from etils import epath
 
-from xecomla import data_checks, fileio, workdir as wd
+from xecomla import console, data_checks, distributed, fileio, workdir as wd
 from xecomla.cli import UsageError
 from xecomla.convert import calib, upcycle
 from xecomla.tokenizer import Tokenizer
@@ -69,7 +69,7 @@ def check_mla(config, llama) -> upcycle.InitOptions:
       raise UsageError(f'mla.calib_len={m.calib_len} must be at least 2 (BOS and one token per '
                        'calibration row): raise it, e.g. to 2048.')
     path = m.calib_path or config.data.train_path
-    if not path or not os.path.exists(path):
+    if not path or not epath.Path(path).exists():
       raise UsageError(f'mla.init=activation needs calibration text: {path!r} does not exist: set '
                        'mla.calib_path or data.train_path.')
   return opts
@@ -95,12 +95,12 @@ def run(config, workdir: str) -> dict[str, Any]:
     if meta['report']['options'] != wanted:
       raise UsageError(f'{wd.stage_dir(workdir, "init")} holds a student made with other mla '
                        'settings: use a new --workdir, or delete that directory to redo init.')
-    logging.info('init: already done')
+    console.say('init: already done')
     return meta['report']
   whiteners = None
   if opts.method == 'activation':
     path = config.mla.calib_path or config.data.train_path
-    if not path or not os.path.exists(path):
+    if not path or not epath.Path(path).exists():
       raise UsageError(f'mla.init=activation needs calibration text: {path!r} does not exist '
                        '(set mla.calib_path or data.train_path).')
     row = calib.row_length(config.mla.calib_len, llama.max_seq_len)
@@ -117,9 +117,10 @@ def run(config, workdir: str) -> dict[str, Any]:
                                            'report': report, 'teacher': directory})
   cks.close()
   out = wd.stage_dir(workdir, 'init')
-  fileio.atomic_write_json(os.path.join(out, 'report.json'), report)
-  fileio.atomic_write_text(os.path.join(out, 'report.md'), upcycle.report_markdown(report))
-  logging.info('init: KV %d of %d values per token (%.1f%%), ranks r_kv=%s',
-               report['kv_values_per_token'], report['teacher_kv_values_per_token'],
-               100 * report['kv_fraction'], report['ranks']['r_kv'])
+  if distributed.is_writer():
+    fileio.atomic_write_json(os.path.join(out, 'report.json'), report)
+    fileio.atomic_write_text(os.path.join(out, 'report.md'), upcycle.report_markdown(report))
+  console.say('init: KV %d of %d values per token (%.1f%%), ranks r_kv=%s',
+              report['kv_values_per_token'], report['teacher_kv_values_per_token'],
+              100 * report['kv_fraction'], report['ranks']['r_kv'])
   return report

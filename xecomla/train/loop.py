@@ -22,8 +22,9 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 
-from xecomla import ckpt, data, faults
+from xecomla import ckpt, console, data, faults, sharding
 from xecomla.cli import NonFiniteLoss, Preempted
 from xecomla.models import transformer
 from xecomla.train.logs import MetricsLog, Progress
@@ -43,7 +44,7 @@ class LoopSpec:
 
 
 def _resume(name: str, checkpoints: ckpt.StageCheckpoints, trainer: Trainer,
-            abstract_params, steps: int) -> dict[str, Any] | None:
+            abstract_params, steps: int, iterator) -> dict[str, Any] | None:
   """The latest usable checkpoint (items for resuming, or only params and meta when finished), or
   None; damaged checkpoints newer than it are deleted, so that their steps can be saved again."""
   if not checkpoints.all_steps():
@@ -58,7 +59,8 @@ def _resume(name: str, checkpoints: ckpt.StageCheckpoints, trainer: Trainer,
     restored = checkpoints.restore(
         abstract={'params': ckpt.abstract_like(abstract_params, trainer.param_shardings),
                   'opt': abstract_opt},
-        items=lambda s: ('params', 'opt', 'data', 'meta') if s < steps else ('params', 'meta'))
+        items=lambda s: ('params', 'opt', 'data', 'meta') if s < steps else ('params', 'meta'),
+        iterator=iterator)
   except ckpt.NoValidCheckpoint:
     logging.warning('%s: no usable checkpoint in %s: starting the stage from its input', name,
                     checkpoints.directory)
@@ -87,25 +89,30 @@ def _nonfinite_message(streak: list[int], meta: dict, checkpoints: ckpt.StageChe
 def run(*, name: str, stage_dir: str, trainer: Trainer, model_config, params: Any, frozen: Any,
         dataset, spec: LoopSpec, meta: dict[str, Any], lr_fn: Callable[[int], float] | None = None,
         evaluate: Callable[[Any], dict[str, float]] | None = None) -> tuple[Any, dict[str, Any]]:
-  """Trains `params` for spec.steps steps (or resumes); returns (final params, summary)."""
-  os.makedirs(stage_dir, exist_ok=True)
+  """Trains `params` (a tree, or a function of the parameter shardings that reads them into
+  those, called only when not resuming) for spec.steps steps (or resumes); returns (final params,
+  summary)."""
+  epath.Path(stage_dir).mkdir(parents=True, exist_ok=True)  # also a gs:// work directory
   checkpoints = ckpt.StageCheckpoints(os.path.join(stage_dir, 'ckpt'), keep=spec.keep)
   abstract_params = (trainer.abstract_params if trainer.abstract_params is not None
                      else transformer.abstract_params(model_config))
   iterator: Iterator = iter(dataset)
-  restored = _resume(name, checkpoints, trainer, abstract_params, spec.steps)
+  restored = _resume(name, checkpoints, trainer, abstract_params, spec.steps, iterator)
   if restored is not None and restored['step'] >= spec.steps:
-    logging.info('%s: already finished (step %d)', name, restored['step'])
+    console.say('%s: already finished (step %d)', name, restored['step'])
     checkpoints.close()
     return restored['params'], restored['meta'].get('summary', {'steps': restored['step']})
   if restored is not None:
     start = restored['step']
-    logging.info('%s: resuming from step %d', name, start)
+    console.say('%s: resuming from step %d', name, start)
     state = {'step': restored['opt']['step'], 'params': restored['params'],
              'opt_state': restored['opt']['opt_state']}
-    iterator.set_state(restored['data'])
+    if isinstance(restored['data'], dict):  # a checkpoint from before grain's handler
+      iterator.set_state(restored['data'])
   else:
-    state = trainer.init_state(jax.device_put(params, trainer.param_shardings))
+    if callable(params):  # reads the parameters straight into their shardings
+      params = params(trainer.param_shardings)
+    state = trainer.init_state(sharding.put(params, trainer.param_shardings))
     start = 0
   frozen = trainer.put_frozen(frozen)  # in its storage dtype, cast on the host
 
@@ -181,15 +188,16 @@ def run(*, name: str, stage_dir: str, trainer: Trainer, model_config, params: An
         else:
           checkpoints.save(done, params=state['params'],
                            opt={'step': state['step'], 'opt_state': state['opt_state']},
-                           data=iterator.get_state(), meta={**meta, 'summary': summary})
+                           data=iterator, meta={**meta, 'summary': summary})
       if preempted:
         checkpoints.close()
         log.close()
         raise Preempted(f'preempted at step {done}; rerun the same command to resume')
       if interrupted:
-        logging.info('%s: stopping at step %d (train.stop_after)', name, done)
+        console.say('%s: stopping at step %d (train.stop_after)', name, done)
         break
   checkpoints.close()
   log.close()
-  final_params = jax.tree.map(np.asarray, state['params'])
-  return final_params, summary
+  if jax.process_count() > 1:  # global arrays: no process holds them whole
+    return state['params'], summary
+  return jax.tree.map(np.asarray, state['params']), summary

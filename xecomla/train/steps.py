@@ -79,7 +79,7 @@ class Trainer:
     host (numpy; bfloat16 through ml_dtypes), so no device holds a float32 copy."""
     cast = jax.tree.map(lambda x, a: np.asarray(x).astype(a.dtype, copy=False), frozen,
                         self.abstract_frozen)
-    return jax.device_put(cast, self.frozen_shardings)
+    return sharding.put(cast, self.frozen_shardings)  # several processes: addressable shards only
 
 
 def state_shardings_for(tx, params_abstract, param_shardings, predicate, mesh):
