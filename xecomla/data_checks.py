@@ -3,8 +3,9 @@ line naming the file, the line and the fix."""
 
 from __future__ import annotations
 
-import os
+from etils import epath
 
+from xecomla import fileio
 from xecomla.cli import UsageError
 from xecomla.data import ROLES, preference_pair, read_jsonl
 from xecomla.eval import SEPARATOR
@@ -14,12 +15,12 @@ def check_text(path: str, field: str) -> None:
   """A text file must exist and hold at least one document; reads only up to its first one."""
   if not path:
     raise UsageError(f'{field} is empty: set --config.{field}=PATH.')
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise UsageError(f'{field}={path} does not exist: fix --config.{field} (is ../shared/data '
                      'beside the project, or XECOMLA_DATA set?).')
   n = 0
   try:
-    with open(path, encoding='utf-8') as f:
+    with fileio.open_text(path) as f:
       for n, line in enumerate(f, start=1):
         if line.replace(SEPARATOR, '').strip():
           return
@@ -55,7 +56,7 @@ def _check_messages(messages, where: str) -> None:
 
 def check_preferences(path: str, field: str = 'dpo.path') -> int:
   """Every line of a preference JSONL well-formed; returns the number of pairs."""
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise UsageError(f'{field}={path} does not exist: set it to a preference JSONL file.')
   rows = read_jsonl(path)
   for n, row in enumerate(rows, start=1):

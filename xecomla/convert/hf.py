@@ -12,7 +12,9 @@ import os
 from typing import Any, Callable
 
 import numpy as np
+from etils import epath
 
+from xecomla import fileio
 from xecomla.convert.hf_config import llama_config_json, read_llama_config, refuse
 from xecomla.convert.safetensors_io import (CheckpointError, read_headers, read_tensors,
                                             write_tensors)
@@ -26,7 +28,7 @@ def check_llama_dir(directory: str) -> LlamaConfig:
   weights: supported features, every shard present and complete, every tensor of the right shape."""
   config = read_llama_config(directory)
   headers = read_headers(directory)
-  path = os.path.join(directory, 'config.json')
+  path = os.fspath(epath.Path(directory) / 'config.json')
   for name in headers:
     if '.self_attn.' in name and ('q_norm' in name or 'k_norm' in name):
       refuse(path, f'QK-norm (tensor {name})')
@@ -169,7 +171,7 @@ def load_llama(directory: str) -> tuple[LlamaConfig, Params]:
 
 def save_llama(directory: str, config: LlamaConfig, params: Params) -> None:
   """Writes config.json and model.safetensors (float32) of a standard Hugging Face Llama."""
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, 'config.json'), 'w') as f:
-    json.dump(llama_config_json(config), f, indent=2)
+  epath.Path(directory).mkdir(parents=True, exist_ok=True)
+  fileio.write_text(epath.Path(directory) / 'config.json',
+                    json.dumps(llama_config_json(config), indent=2))
   write_tensors(directory, params_to_hf(config, params))

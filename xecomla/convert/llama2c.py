@@ -12,11 +12,12 @@ transformers' own Meta-to-HF conversion does.
 from __future__ import annotations
 
 import os
-import shutil
 import struct
 
 import numpy as np
+from etils import epath
 
+from xecomla import fileio
 from xecomla.convert import hf
 from xecomla.convert.safetensors_io import CheckpointError
 from xecomla.convert.tokenizer import LlamaC2Tokenizer
@@ -74,20 +75,21 @@ def _layout(path: str, head: bytes, size: int, norm_eps: float, rope_theta: floa
 def read_config(path: str, norm_eps: float = 1e-5, rope_theta: float = 10000.0, bos_id: int = 1,
                 eos_id: int = 2) -> LlamaConfig:
   """The config of a llama2.c checkpoint from its header and size alone (no weights read)."""
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise CheckpointError(f'llama2.c checkpoint {path} does not exist: fix teacher.path.')
-  with open(path, 'rb') as f:
+  with epath.Path(path).open('rb') as f:
     head = f.read(4 * HEADER)
-  return _layout(path, head, os.path.getsize(path), norm_eps, rope_theta, bos_id, eos_id)[0]
+    f.seek(0, 2)
+    size = f.tell()
+  return _layout(path, head, size, norm_eps, rope_theta, bos_id, eos_id)[0]
 
 
 def read_llama2c(path: str, norm_eps: float = 1e-5, rope_theta: float = 10000.0,
                  bos_id: int = 1, eos_id: int = 2) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
   """Reads a legacy llama2.c checkpoint into a config and Hugging Face-named tensors."""
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise CheckpointError(f'llama2.c checkpoint {path} does not exist.')
-  with open(path, 'rb') as f:
-    data = f.read()
+  data = epath.Path(path).read_bytes()
   config, shapes = _layout(path, data[:4 * HEADER], len(data), norm_eps, rope_theta, bos_id, eos_id)
   n_layers, n_heads, n_kv_heads, shared = (config.n_layers, config.n_heads, config.n_kv_heads,
                                            config.tie_embeddings)
@@ -120,19 +122,16 @@ def convert(checkpoint: str, tokenizer: str, out: str) -> LlamaConfig:
   Everything is written into a temporary sibling directory first and renamed at the end, so a
   failed conversion leaves nothing half-written; an existing non-empty `out` is never overwritten.
   """
-  if os.path.exists(out) and os.listdir(out):
+  if fileio.is_nonempty_dir(out):
     raise CheckpointError(f'output directory {out} exists and is not empty: choose a new --out.')
   config, tensors = read_llama2c(checkpoint)
   tok = LlamaC2Tokenizer.load(tokenizer)
   if tok.vocab_size != config.vocab_size:
     raise CheckpointError(f'tokenizer {tokenizer} has {tok.vocab_size} pieces, the checkpoint '
                           f'{config.vocab_size}: they do not belong together.')
-  tmp = out.rstrip('/') + '.tmp'
-  if os.path.exists(tmp):
-    shutil.rmtree(tmp)
+  tmp = os.fspath(out).rstrip('/') + '.tmp'
+  epath.Path(tmp).rmtree(missing_ok=True)
   hf.save_llama(tmp, config, hf.hf_to_params(config, tensors))
   tok.save_hf(tmp, model_max_length=config.max_seq_len)
-  if os.path.exists(out):
-    os.rmdir(out)
-  os.replace(tmp, out)
+  fileio.commit_dir(tmp, out)
   return config

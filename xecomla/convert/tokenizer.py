@@ -12,10 +12,12 @@ reference the fast tokenizer is tested against.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass
 
+from etils import epath
+
+from xecomla import fileio
 from xecomla.convert.safetensors_io import CheckpointError
 
 SPECIAL = {0: '<unk>', 1: '<s>', 2: '</s>'}  # llama2.c prints them as '<unk>', '\n<s>\n', '\n</s>\n'
@@ -31,10 +33,9 @@ class LlamaC2Tokenizer:
 
   @classmethod
   def load(cls, path: str) -> 'LlamaC2Tokenizer':
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
       raise CheckpointError(f'tokenizer {path} does not exist: pass the llama2.c tok*.bin file.')
-    with open(path, 'rb') as f:
-      data = f.read()
+    data = epath.Path(path).read_bytes()
     (max_len,), off = struct.unpack_from('<i', data, 0), 4
     pieces, scores = [], []
     try:
@@ -137,12 +138,11 @@ class LlamaC2Tokenizer:
 
   def save_hf(self, directory: str, model_max_length: int) -> None:
     """Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json."""
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, 'tokenizer.json'), 'w') as f:
-      json.dump(self.hf_tokenizer_json(), f, ensure_ascii=False)
+    d = epath.Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    fileio.write_text(d / 'tokenizer.json', json.dumps(self.hf_tokenizer_json(), ensure_ascii=False))
     special = {'bos_token': '<s>', 'eos_token': '</s>', 'unk_token': '<unk>'}
-    with open(os.path.join(directory, 'tokenizer_config.json'), 'w') as f:
-      json.dump({'tokenizer_class': 'PreTrainedTokenizerFast', 'model_max_length': model_max_length,
-                 'clean_up_tokenization_spaces': False, **special}, f, indent=2)
-    with open(os.path.join(directory, 'special_tokens_map.json'), 'w') as f:
-      json.dump(special, f, indent=2)
+    fileio.write_text(d / 'tokenizer_config.json', json.dumps(
+        {'tokenizer_class': 'PreTrainedTokenizerFast', 'model_max_length': model_max_length,
+         'clean_up_tokenization_spaces': False, **special}, indent=2))
+    fileio.write_text(d / 'special_tokens_map.json', json.dumps(special, indent=2))
