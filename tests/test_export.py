@@ -77,10 +77,12 @@ def test_uncompressed_query_export(teacher, stories_dir, tmp_path):
 
 
 def test_native_deepseek_v3_export_needs_no_remote_code(teacher, stories_dir, tmp_path):
-  cfg, params = student(teacher, r_kv=8, d_r=2, r_q=32, latent_norm=True)
+  # d_r = 4: two RoPE pairs, so DeepSeek's interleaved order differs from xecomla's rotate-half
+  cfg, params = student(teacher, r_kv=8, d_r=4, r_q=32, latent_norm=True)
   assert deepseek_incompatibility(cfg) is None
   d = export_hf(str(tmp_path / 'ds'), cfg, params, stories_dir, deepseek=True)
-  assert json.load(open(os.path.join(d, 'config.json')))['model_type'] == 'deepseek_v3'
+  written = json.load(open(os.path.join(d, 'config.json')))
+  assert (written['model_type'], written['rope_interleave']) == ('deepseek_v3', True)
   assert not any(f.endswith('.py') for f in os.listdir(d))
   model = compare(cfg, params, d, remote=False)
   assert type(model).__name__ == 'DeepseekV3ForCausalLM'
@@ -97,7 +99,7 @@ def test_deepseek_export_refuses_incompatible_students(teacher, stories_dir, tmp
 
 @pytest.mark.parametrize('deepseek', [False, True])
 def test_round_trip_gives_identical_parameters(teacher, stories_dir, tmp_path, deepseek):
-  cfg, params = student(teacher, r_kv=8, d_r=2, r_q=40, latent_norm=True)
+  cfg, params = student(teacher, r_kv=8, d_r=4, r_q=40, latent_norm=True)  # 2 RoPE pairs
   d = export_hf(str(tmp_path / 'x'), cfg, params, stories_dir, deepseek=deepseek)
   cfg2, params2 = import_hf(d)
   assert cfg2 == cfg

@@ -5,7 +5,9 @@
 modeling_xecomla.py, whose cache holds only the latent and the shared RoPE key). With
 `deepseek=True` and a DeepSeek-compatible student (latent norm on, one r_kv and one r_q for all
 layers, fresh RoPE over d_r) it writes a native `deepseek_v3` directory instead, which stock
-transformers loads without remote code. `import_hf` reads either back, bit-exactly.
+transformers loads without remote code, its RoPE columns in DeepSeek's own interleaved order
+(`rope_interleave: true`, as DeepSeek-V3's checkpoints and the engines serving them have it).
+`import_hf` reads either back, bit-exactly.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from xecomla import fileio
 from xecomla.convert import hf
 from xecomla.convert.hf_config import eos_json
 from xecomla.convert.safetensors_io import CheckpointError, read_tensors, write_tensors
-from xecomla.export.names import mla_rows
+from xecomla.export.names import interleaved_rope, mla_rows
 from xecomla.models.config import MLAConfig
 
 REMOTE = epath.Path(__file__).parent / 'remote'
@@ -67,7 +69,7 @@ def deepseek_config(c: MLAConfig) -> dict:
       'n_shared_experts': 1, 'n_routed_experts': 1, 'num_experts_per_tok': 1, 'n_group': 1,
       'topk_group': 1, 'first_k_dense_replace': llama.n_layers,
       'kv_lora_rank': c.r_kv[0], 'q_lora_rank': c.r_q[0], 'qk_rope_head_dim': c.d_r,
-      'qk_nope_head_dim': c.d_qk, 'v_head_dim': c.d_v, 'rope_interleave': False,
+      'qk_nope_head_dim': c.d_qk, 'v_head_dim': c.d_v, 'rope_interleave': True,
       'rope_parameters': rope, 'rms_norm_eps': llama.norm_eps,
       'max_position_embeddings': llama.max_seq_len, 'tie_word_embeddings': llama.tie_embeddings,
       'bos_token_id': llama.bos_id, 'eos_token_id': eos_json(llama), 'hidden_act': 'silu',
@@ -97,6 +99,8 @@ def export_hf(out: str, config: MLAConfig, params: dict, tokenizer_dir: str | No
   tmp = epath.Path(os.fspath(out).rstrip('/') + '.tmp')
   tmp.rmtree(missing_ok=True)
   tmp.mkdir(parents=True, exist_ok=True)
+  if deepseek:  # DeepSeek's own layout, which engines serving DeepSeek-V3 expect (names.py)
+    params = interleaved_rope(params, config)
   write_tensors(os.fspath(tmp), hf.to_tensors(mla_rows(config), params))
   fileio.write_text(tmp / 'config.json', json.dumps(
       deepseek_config(config) if deepseek else remote_config(config), indent=2))
@@ -126,5 +130,7 @@ def import_hf(directory: str) -> tuple[MLAConfig, dict]:
   config = MLAConfig.from_dict(cfg['xecomla'])
   rows = mla_rows(config)
   params = hf.to_params(rows, read_tensors(directory, [r[0] for r in rows]))
+  if cfg.get('model_type') == 'deepseek_v3' and cfg.get('rope_interleave', True):
+    params = interleaved_rope(params, config, inverse=True)
   return config, params
 

@@ -66,3 +66,22 @@ def mla_rows(c: MLAConfig) -> list[hf.Row]:
     rows.append(_heads_split(hf_p + 'kv_b_proj.weight', ours + ('uk',), ours + ('uv',), r_kv, n,
                              c.d_qk))
   return rows
+
+
+def interleaved_rope(params: dict, c: MLAConfig, inverse: bool = False) -> dict:
+  """The RoPE columns of W^QR and W^KR from xecomla's rotate-half order (pair i = dims i and
+  i + d_r/2) to the interleaved order of DeepSeek's own checkpoints (pair i = dims 2i, 2i + 1;
+  `rope_interleave: true`, which transformers de-interleaves and GPT-J-style RoPE kernels such as
+  vLLM's rotate in place), or back with `inverse`. Scores are unchanged: q and k move alike."""
+  half = c.d_r // 2
+  perm = np.stack([np.arange(half), np.arange(half) + half], axis=1).reshape(-1)
+  if inverse:
+    perm = np.argsort(perm)
+  layers = params['layers']  # a list, or a dict by layer index (both are param trees here)
+  out = {}
+  for l in range(c.n_layers):
+    attn = dict(layers[l]['attn'])
+    attn['qr'], attn['kr'] = (np.asarray(attn[k])[..., perm] for k in ('qr', 'kr'))
+    out[l] = {**layers[l], 'attn': attn}
+  return {**params, 'layers': [out[l] for l in range(c.n_layers)] if isinstance(layers, list)
+          else {**layers, **out}}
