@@ -26,6 +26,7 @@ from etils import epath
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from xecomla import fileio
+from xecomla.convert.hf_config import read_json_object
 from xecomla.convert.safetensors_io import CheckpointError
 
 SPECIAL_TOKENS = ('bos_token', 'eos_token', 'unk_token', 'sep_token', 'pad_token', 'cls_token',
@@ -112,16 +113,6 @@ def _token_text(value: Any) -> str | None:
   return value if isinstance(value, str) else None
 
 
-def _read_json(path: epath.Path) -> dict[str, Any]:
-  try:
-    out = fileio.read_json(path)
-  except (ValueError, OSError) as e:
-    raise CheckpointError(f'{path} is not valid JSON ({e}): re-save the tokenizer.') from e
-  if not isinstance(out, dict):
-    raise CheckpointError(f'{path} is not a JSON object: re-save the tokenizer.')
-  return out
-
-
 def _pick(source: Any, where: str) -> str:
   """The template to use from a string, a {name: template} dict or a [{name, template}] list."""
   if isinstance(source, list):
@@ -162,7 +153,7 @@ class ChatTemplate:
 def load_template(directory: str) -> ChatTemplate | None:
   """The chat template of a tokenizer directory, or None when it has none."""
   config_path = epath.Path(directory) / 'tokenizer_config.json'
-  config = _read_json(config_path) if config_path.exists() else {}
+  config = read_json_object(config_path, 'tokenizer') if config_path.exists() else {}
   jinja_path = epath.Path(directory) / 'chat_template.jinja'
   if jinja_path.exists():
     source, where = fileio.read_text(jinja_path), jinja_path
@@ -173,7 +164,8 @@ def load_template(directory: str) -> ChatTemplate | None:
   special = dict(config)
   map_path = epath.Path(directory) / 'special_tokens_map.json'
   if map_path.exists() and 'added_tokens_decoder' not in config:
-    special.update(_read_json(map_path))  # transformers' legacy path: the map takes precedence
+    # transformers' legacy path: the map takes precedence
+    special.update(read_json_object(map_path, 'tokenizer'))
   tokens = {k: _token_text(special.get(k)) for k in SPECIAL_TOKENS}
   return ChatTemplate(source, {k: v for k, v in tokens.items() if v is not None}, str(where))
 

@@ -35,6 +35,18 @@ def unsupported_features(hf: dict[str, Any]) -> list[str]:
   return out
 
 
+def read_json_object(path, what: str) -> dict[str, Any]:
+  """A JSON file of a model or tokenizer directory that must hold an object; CheckpointError
+  ('re-save the <what>') when it is not valid JSON or not an object."""
+  try:
+    out = fileio.read_json(path)
+  except (ValueError, OSError) as e:
+    raise CheckpointError(f'{path} is not valid JSON ({e}): re-save the {what}.') from e
+  if not isinstance(out, dict):
+    raise CheckpointError(f'{path} is not a JSON object: re-save the {what}.')
+  return out
+
+
 def eos_token_ids(directory: str, hf: dict[str, Any]) -> tuple[int, ...]:
   """Every EOS id: generation_config.json's eos_token_id (an int or a list; what transformers'
   generate stops at), else config.json's."""
@@ -68,12 +80,7 @@ def read_llama_config(directory: str) -> LlamaConfig:
                           'Hugging Face Llama directory (or a llama2.c .bin file).')
   if not path.exists():
     raise CheckpointError(f'{path} is missing: not a Hugging Face model directory.')
-  try:
-    hf = fileio.read_json(path)
-  except (ValueError, OSError) as e:
-    raise CheckpointError(f'{path} is not valid JSON ({e}): re-save the model.') from e
-  if not isinstance(hf, dict):
-    raise CheckpointError(f'{path} is not a JSON object: re-save the model.')
+  hf = read_json_object(path, 'model')
   if hf.get('model_type') != 'llama':
     raise CheckpointError(f"{path}: model_type {hf.get('model_type')!r} is not supported: "
                           "xecomla converts Llama checkpoints (model_type 'llama') only.")
