@@ -45,7 +45,7 @@ def base_config() -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
   c.seed = 0
   c.dtype = 'float32'  # compute dtype: float32 | bfloat16 (parameters stay float32)
-  # Stages run in order, each resuming from its own checkpoints: init, distill, dpo, eval, export.
+  # Stages run in order, each resuming from its own checkpoints: init, align, distill, dpo, eval, export.
   c.stages = 'init,distill,eval,export'
 
   # The Llama that is upcycled (and evaluated as "teacher"): a Hugging Face Llama directory, a Hub
@@ -105,6 +105,19 @@ def base_config() -> config_dict.ConfigDict:
   c.distill.temperature = 1.0
   c.distill.hidden_weight = 0.0  # per-layer hidden-state MSE (same depth and width only)
   c.distill.loss_chunk = 512     # KD loss over this many positions at a time (0 = whole rows)
+  c.distill.divergence = 'forward_kl'  # per token: forward_kl KL(teacher||student) | reverse_kl
+                                 # KL(student||teacher) | jsd (generalised JSD, distill.jsd_beta)
+  c.distill.jsd_beta = 0.5       # JSD(beta): beta KL(T||M) + (1-beta) KL(S||M), M = beta T + (1-beta) S
+  c.distill.policy_fraction = 0.0  # on-policy distillation (GKD): this fraction of each batch's
+                                 # rows sampled from the current student every step (text data)
+  c.distill.policy_temperature = 1.0
+  c.distill.policy_top_p = 1.0
+
+  # Stage `align` (before distill): each MLA layer's attention output fitted by MSE to the
+  # teacher's, on the teacher's own hidden states (all layers at once); attention weights only.
+  c.align = config_dict.ConfigDict()
+  c.align.steps = 300
+  c.align.lr = 1e-3
 
   c.dpo = config_dict.ConfigDict()
   c.dpo.path = ''                # preference JSONL
@@ -121,6 +134,17 @@ def base_config() -> config_dict.ConfigDict:
   c.data.train_path = ''
   c.data.format = 'text'         # text (<|endoftext|>-separated) | chat (JSONL messages)
   c.data.workers = 0             # grain worker processes (0 = in-process)
+  # Stories sampled from the (KD) teacher as training data (xecomla/teacher_data.py), generated
+  # once and cached: alone (teacher_fraction 1) or mixed with data.train_path by examples.
+  c.data.teacher_stories = 0     # how many (0 = off)
+  c.data.teacher_fraction = 1.0  # share of training examples drawn from them
+  c.data.teacher_temperature = 1.0
+  c.data.teacher_top_p = 1.0
+  c.data.teacher_top_k = 0
+  c.data.teacher_max_len = 0     # tokens per story at most, BOS included (0 = the model's length)
+  c.data.teacher_batch = 256     # stories per generation call
+  c.data.teacher_seed = 0
+  c.data.teacher_cache = ''      # '' = W/teacher_data; a shared folder lets runs reuse stories
 
   c.eval = config_dict.ConfigDict()
   c.eval.path = ''               # held-out text, README evaluation definition

@@ -107,6 +107,21 @@ def test_mla_settings_that_do_not_fit_the_teacher(capsys, workdir, fields, messa
     (dict(eval__max_len=0), 'init', 'eval.max_len=0 must be at least 1'),
     (dict(distill__loss_chunk=-1), 'distill', 'distill.loss_chunk'),
     (dict(eval__cache_dtype='int4'), 'eval', "eval.cache_dtype='int4' is not one of"),
+    (dict(distill__divergence='kl'), 'distill', "distill.divergence='kl' is not known"),
+    (dict(distill__divergence='jsd', distill__jsd_beta=1.0), 'distill',
+     'distill.jsd_beta=1.0 must be in (0, 1)'),
+    (dict(distill__policy_fraction=1.0), 'distill', 'distill.policy_fraction=1.0 must be in [0, 1)'),
+    (dict(distill__policy_fraction=0.5, train__accum=2, mesh__data=2, mesh__tensor=4), 'distill',
+     'set train.accum=1'),
+    (dict(data__teacher_stories=-1), 'distill', 'data.teacher_stories=-1 is negative'),
+    (dict(data__teacher_stories=8, data__teacher_fraction=0.0), 'align',
+     'data.teacher_fraction=0.0 must be in (0, 1]'),
+    (dict(data__teacher_stories=8, data__teacher_temperature=0.0), 'distill',
+     'data.teacher_temperature=0.0 must be positive'),
+    (dict(data__teacher_stories=8, data__teacher_max_len=513), 'distill',
+     'data.teacher_max_len=513 is outside 2..512'),
+    (dict(align__steps=0), 'align', 'align.steps=0 must be at least 1'),
+    (dict(align__lr=0.0), 'align', 'align.lr=0.0 must be positive'),
 ])
 def test_scale_settings_that_are_not_known(capsys, workdir, fields, stages, message):
   assert message in run_config(capsys, workdir, setter(**fields), stages)

@@ -59,11 +59,17 @@ def text_examples(tokenizer, path: str, bos_id: int, seq_len: int) -> list[dict[
 # ----------------------------------------------------------------------------------------------
 
 def packed_dataset(examples: list[dict[str, np.ndarray]], *, seq_len: int, batch_size: int,
-                   seed: int) -> grain.IterDataset:
-  """Shuffled, endlessly repeated, first-fit packed global batches (the same in every process)."""
-  if not examples:
+                   seed: int, mix: tuple[list[dict[str, np.ndarray]], float] | None = None
+                   ) -> grain.IterDataset:
+  """Shuffled, endlessly repeated, first-fit packed global batches (the same in every process).
+  mix = (other examples, weight of `examples`): examples drawn from both streams at that ratio
+  (each shuffled and repeated on its own) before packing."""
+  if not examples or (mix is not None and not mix[0]):
     raise UsageError('the training data holds no usable example.')
   ds = grain.MapDataset.source(examples).shuffle(seed=seed).repeat(None)
+  if mix is not None:
+    other = grain.MapDataset.source(mix[0]).shuffle(seed=seed + 1).repeat(None)
+    ds = grain.MapDataset.mix([ds, other], weights=[mix[1], 1.0 - mix[1]])
   fields = list(examples[0])
   packed = ge.FirstFitPackIterDataset(ds.to_iter_dataset(),
                                       length_struct={k: seq_len for k in fields},
@@ -79,16 +85,34 @@ def packed_dataset(examples: list[dict[str, np.ndarray]], *, seq_len: int, batch
   return packed.map(rename).batch(batch_size, drop_remainder=True)
 
 
-def train_dataset(config, tokenizer, bos_id: int) -> grain.IterDataset:
+def document_examples(docs: list[np.ndarray], seq_len: int) -> list[dict[str, np.ndarray]]:
+  """Token-id documents (BOS first) -> row-sized examples, as text_examples cuts them."""
+  return [{'tokens': np.asarray(piece, np.int32)} for ids in docs
+          for piece in chunk(list(ids), seq_len)]
+
+
+def train_dataset(config, tokenizer, bos_id: int, teacher_docs: list[np.ndarray] | None = None,
+                  batch_size: int | None = None) -> grain.IterDataset:
+  """The training batches of `config.data`; `teacher_docs` (teacher_data.stories) replace the
+  text (data.teacher_fraction 1) or are mixed with it at that fraction of examples. batch_size
+  defaults to train.batch_size (on-policy distillation reads fewer rows from the data)."""
   c = config
+  batch_size = batch_size or c.train.batch_size
+  if teacher_docs is not None:
+    generated = document_examples(teacher_docs, c.train.seq_len)
+    fraction = float(c.data.teacher_fraction)
+    mix = None
+    if fraction < 1.0:
+      mix = (text_examples(tokenizer, c.data.train_path, bos_id, c.train.seq_len), fraction)
+    return packed_dataset(generated, seq_len=c.train.seq_len, batch_size=batch_size,
+                          seed=c.seed, mix=mix)
   if c.data.format == 'text':
     examples = text_examples(tokenizer, c.data.train_path, bos_id, c.train.seq_len)
   elif c.data.format == 'chat':
     examples = chat_examples(tokenizer, c.data.train_path, bos_id, c.train.seq_len)
   else:
     raise UsageError(f"data.format={c.data.format!r}: use 'text' or 'chat'.")
-  return packed_dataset(examples, seq_len=c.train.seq_len, batch_size=c.train.batch_size,
-                        seed=c.seed)
+  return packed_dataset(examples, seq_len=c.train.seq_len, batch_size=batch_size, seed=c.seed)
 
 
 def global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:

@@ -14,8 +14,8 @@ from etils import epath
 from xecomla import console, distributed, fileio, hub, workdir as wd
 from xecomla.cli import UsageError
 
-STAGES = ('init', 'distill', 'dpo', 'eval', 'export')
-MODULES = {'init': 'init', 'distill': 'distill', 'dpo': 'dpo', 'eval': 'evaluate', 'export': 'export'}
+STAGES = ('init', 'align', 'distill', 'dpo', 'eval', 'export')
+MODULES = {'init': 'init', 'align': 'align', 'distill': 'distill', 'dpo': 'dpo', 'eval': 'evaluate', 'export': 'export'}
 
 
 def parse_stages(stages: str) -> list[str]:

@@ -29,7 +29,7 @@ from xecomla.model_options import (DTYPES, REMAT, compute_dtype, frozen_dtype,  
                                    model_kwargs)  # how stages build models (re-exported)
 from xecomla.models.config import LlamaConfig, MLAConfig
 
-STUDENT_STAGES = ('dpo', 'distill', 'init')  # latest first
+STUDENT_STAGES = ('dpo', 'distill', 'align', 'init')  # latest first
 
 
 def stage_dir(workdir: str, stage: str) -> str:

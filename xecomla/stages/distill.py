@@ -1,8 +1,12 @@
 """Stage `distill`: knowledge distillation of the init student from a frozen teacher (W/distill).
 
 The teacher is the converted Llama (teacher.path) or a larger one (distill.teacher_path) that
-shares its vocabulary. Loss: kl_weight * KL(teacher || student) + ce_weight * CE per target token,
-plus optional per-layer hidden-state MSE (hidden_weight; same depth and width only).
+shares its vocabulary. Loss: kl_weight * D(teacher, student) + ce_weight * CE per target token, D
+the divergence distill.divergence (forward KL by default), plus optional per-layer hidden-state
+MSE (hidden_weight; same depth and width only). Starts from the aligned student when the work
+directory has one (stage align), else from init's. Data: data.train_path, or stories sampled from
+the teacher (data.teacher_stories, xecomla/teacher_data.py); with distill.policy_fraction, part
+of every batch is sampled from the current student (on-policy, xecomla/train/onpolicy.py).
 """
 
 from __future__ import annotations
@@ -13,14 +17,16 @@ from typing import Any
 
 from etils import epath
 
-from xecomla import data, data_checks, eval as evaluation, fileio, hub, sharding, workdir as wd
+from xecomla import (data, data_checks, eval as evaluation, fileio, hub, sharding, teacher_data,
+                     workdir as wd)
 from xecomla.cli import UsageError
 from xecomla.convert import hf
 from xecomla.models import transformer
 from xecomla.models.config import MLAConfig
 from xecomla.stages import evaluate
 from xecomla.tokenizer import Tokenizer
-from xecomla.train import loop, optim, steps
+from xecomla.generate import Sampling
+from xecomla.train import loop, losses, onpolicy, optim, steps
 
 
 def mesh_of(config):
@@ -79,12 +85,54 @@ def validate(config, workdir: str | None, teacher, stages: list[str]) -> None:
     raise UsageError(f'distill.loss_chunk={d.loss_chunk} is negative: use 0 (whole rows) or a '
                      'number of positions such as 512.')
   sharding.check_batch(t.batch_size // t.accum, mesh_of(config), 'train.batch_size / train.accum')
+  check_policy(config)
+  teacher_data.check(config, kd.max_seq_len)
+  if config.data.teacher_stories and config.data.teacher_fraction == 1.0:
+    return  # no text is read
   if config.data.format == 'text':
     data_checks.check_text(config.data.train_path, 'data.train_path')
   elif config.data.format == 'chat':
     data_checks.check_chat(config.data.train_path)
   else:
     raise UsageError(f"data.format={config.data.format!r} is not known: use 'text' or 'chat'.")
+
+
+def check_policy(config) -> int:
+  """The divergence settings and on-policy rows per batch (UsageError when they cannot work)."""
+  d, t = config.distill, config.train
+  if d.divergence not in losses.DIVERGENCES:
+    raise UsageError(f'distill.divergence={d.divergence!r} is not known: use one of '
+                     f'{", ".join(losses.DIVERGENCES)}.')
+  if d.divergence == 'jsd' and not 0.0 < d.jsd_beta < 1.0:
+    raise UsageError(f'distill.jsd_beta={d.jsd_beta} must be in (0, 1) for the generalised JSD: '
+                     'use e.g. 0.5 (symmetric).')
+  rows = onpolicy.policy_rows(t.batch_size, d.policy_fraction)
+  if rows:
+    if config.data.format != 'text':
+      raise UsageError('distill.policy_fraction > 0 samples whole documents from BOS: it needs '
+                       'data.format=text; set it to 0 for chat data.')
+    if d.policy_temperature <= 0 or not 0.0 < d.policy_top_p <= 1.0:
+      raise UsageError(f'distill.policy_temperature={d.policy_temperature} and distill.policy_top_p='
+                       f'{d.policy_top_p}: the temperature must be positive, top_p in (0, 1].')
+    if t.accum > 1 or d.hidden_weight > 0:
+      raise UsageError('distill.policy_fraction > 0 is implemented without train.accum and '
+                       'hidden-state KD: set train.accum=1 and distill.hidden_weight=0.')
+    mesh = mesh_of(config)
+    sharding.check_batch(rows, mesh, 'the on-policy rows (distill.policy_fraction x batch)')
+    sharding.check_batch(t.batch_size - rows, mesh, 'the data rows (batch - on-policy rows)')
+  return rows
+
+
+def kd_teacher_dir(config, workdir: str) -> str:
+  """The KD teacher's Hugging Face directory (distill.teacher_path, else the source teacher)."""
+  if not config.distill.teacher_path:
+    return wd.teacher_dir(config, workdir)
+  return wd.hf_dir(config.distill.teacher_path, '', workdir, 'kd_teacher_hf', 'distill.teacher_path')
+
+
+def start_stage(workdir: str) -> str:
+  """Where distill's student comes from: align's when it ran, else init's."""
+  return 'align' if wd.has_checkpoint(workdir, 'align') else 'init'
 
 
 def run(config, workdir: str) -> dict[str, Any]:
@@ -94,12 +142,12 @@ def run(config, workdir: str) -> dict[str, Any]:
   train_kw, model_kw = wd.model_kwargs(config, train=True), wd.model_kwargs(config)
   student_cfg = MLAConfig.from_dict(wd.peek_meta(workdir, 'init')['model'])
 
-  def params(shardings):  # read when training starts, straight into the trainer's shardings
-    return wd.load_student_from(workdir, 'init', shardings=shardings)[1]
+  start = start_stage(workdir)
 
-  source_dir = wd.teacher_dir(config, workdir)
-  kd_dir = (wd.hf_dir(config.distill.teacher_path, '', workdir, 'kd_teacher_hf',
-                       'distill.teacher_path') if config.distill.teacher_path else source_dir)
+  def params(shardings):  # read when training starts, straight into the trainer's shardings
+    return wd.load_student_from(workdir, start, shardings=shardings)[1]
+
+  source_dir, kd_dir = wd.teacher_dir(config, workdir), kd_teacher_dir(config, workdir)
   teacher_cfg, teacher_params = hf.load_llama(kd_dir)
   check_vocabulary(source_dir, kd_dir, student_cfg.llama.vocab_size, teacher_cfg.vocab_size)
   d = config.distill
@@ -116,13 +164,22 @@ def run(config, workdir: str) -> dict[str, Any]:
   t_graph = transformer.graphdef(teacher_cfg, **model_kw)
   tx, lr_fn = optimizer(config, t.lr, t.steps)
   kd = steps.KDOptions(kl_weight=d.kl_weight, ce_weight=d.ce_weight, temperature=d.temperature,
-                       hidden_weight=d.hidden_weight, chunk=d.loss_chunk)
+                       hidden_weight=d.hidden_weight, chunk=d.loss_chunk,
+                       divergence=d.divergence, beta=d.jsd_beta)
   trainer = steps.make_trainer(steps.kd_loss_fn(s_graph, t_graph, kd), tx, model_config=student_cfg,
                                frozen_config=teacher_cfg, mesh=mesh, accum=t.accum,
                                trainable=t.trainable, frozen_dtype=wd.frozen_dtype(config))
   tokenizer = Tokenizer(source_dir)
   llama = student_cfg.llama
-  dataset = data.train_dataset(config, tokenizer, llama.bos_id)
+  rows = check_policy(config)
+  dataset = data.train_dataset(config, tokenizer, llama.bos_id,
+                               teacher_data.for_config(config, workdir, kd_dir),
+                               batch_size=t.batch_size - rows)
+  extend = None
+  if rows:
+    extend = onpolicy.make_sampler(
+        student_cfg, model_kw, trainer, rows=rows, seq_len=t.seq_len, seed=config.seed,
+        sampling=Sampling(temperature=d.policy_temperature, top_p=d.policy_top_p))
   evaluate = None
   if t.eval_every and config.eval.path:
     evaluate = evaluation.nll_evaluator(
@@ -134,9 +191,10 @@ def run(config, workdir: str) -> dict[str, Any]:
                        ckpt_every=t.ckpt_every, keep=t.keep,
                        tokens_per_step=t.batch_size * t.seq_len, stop_after=t.stop_after,
                        max_nonfinite=t.max_nonfinite)
-  meta = {'stage': 'distill', 'model': student_cfg.to_dict(), 'teacher': kd_dir,
+  meta = {'stage': 'distill', 'model': student_cfg.to_dict(), 'teacher': kd_dir, 'start': start,
           'config': json.loads(config.to_json_best_effort())}
   _, summary = loop.run(name='distill', stage_dir=wd.stage_dir(workdir, 'distill'), trainer=trainer,
                         model_config=student_cfg, params=params, frozen=teacher_params,
-                        dataset=dataset, spec=spec, meta=meta, lr_fn=lr_fn, evaluate=evaluate)
+                        dataset=dataset, spec=spec, meta=meta, lr_fn=lr_fn, evaluate=evaluate,
+                        extend=extend)
   return summary

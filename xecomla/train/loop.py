@@ -88,10 +88,12 @@ def _nonfinite_message(streak: list[int], meta: dict, checkpoints: ckpt.StageChe
 
 def run(*, name: str, stage_dir: str, trainer: Trainer, model_config, params: Any, frozen: Any,
         dataset, spec: LoopSpec, meta: dict[str, Any], lr_fn: Callable[[int], float] | None = None,
-        evaluate: Callable[[Any], dict[str, float]] | None = None) -> tuple[Any, dict[str, Any]]:
+        evaluate: Callable[[Any], dict[str, float]] | None = None,
+        extend: Callable[[Any, Any, int], Any] | None = None) -> tuple[Any, dict[str, Any]]:
   """Trains `params` (a tree, or a function of the parameter shardings that reads them into
   those, called only when not resuming) for spec.steps steps (or resumes); returns (final params,
-  summary)."""
+  summary). `extend(params, batch, step)`, when given, turns each data batch into the step's
+  batch (on-policy distillation adds rows sampled from the current parameters)."""
   epath.Path(stage_dir).mkdir(parents=True, exist_ok=True)  # also a gs:// work directory
   checkpoints = ckpt.StageCheckpoints(os.path.join(stage_dir, 'ckpt'), keep=spec.keep)
   abstract_params = (trainer.abstract_params if trainer.abstract_params is not None
@@ -157,6 +159,8 @@ def run(*, name: str, stage_dir: str, trainer: Trainer, model_config, params: An
   with faults.Preemption() as preemption:
     for step in range(start, spec.steps):
       batch = data.global_batch(next(iterator), trainer.batch_sharding)
+      if extend is not None:
+        batch = extend(state['params'], batch, step)
       state, metrics = trainer.step(state, frozen, batch)
       done = step + 1
       faults.at('inside_step', done)

@@ -32,33 +32,65 @@ def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
+DIVERGENCES = ('forward_kl', 'reverse_kl', 'jsd')
+
+
+def divergence(log_pt: jax.Array, log_ps: jax.Array, kind: str = 'forward_kl',
+               beta: float = 0.5) -> jax.Array:
+  """Per-position divergence between teacher (log_pt) and student (log_ps) distributions over the
+  last axis: forward_kl KL(T || S), reverse_kl KL(S || T), or jsd, the generalised Jensen-Shannon
+  divergence of GKD (Agarwal et al. 2024), beta KL(T || M) + (1 - beta) KL(S || M) with
+  M = beta T + (1 - beta) S (0 < beta < 1; 0.5 is the symmetric JSD)."""
+  kl = lambda log_a, log_b: jnp.sum(jnp.exp(log_a) * (log_a - log_b), axis=-1)
+  if kind == 'forward_kl':
+    return kl(log_pt, log_ps)
+  if kind == 'reverse_kl':
+    return kl(log_ps, log_pt)
+  if kind == 'jsd':
+    log_m = jnp.logaddexp(jnp.log(beta) + log_pt, jnp.log1p(-beta) + log_ps)
+    return beta * kl(log_pt, log_m) + (1.0 - beta) * kl(log_ps, log_m)
+  raise ValueError(f'divergence {kind!r} is not one of {DIVERGENCES}')
+
+
 def kd_token_losses(student_logits: jax.Array, teacher_logits: jax.Array, targets: jax.Array,
-                    temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
-  """Per-token KL(p_teacher || p_student) at temperature tau, scaled by tau^2 (so that gradients
-  keep their size across temperatures), and the student's cross-entropy at temperature 1."""
+                    temperature: float = 1.0, kind: str = 'forward_kl',
+                    beta: float = 0.5) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-token divergence (`divergence`) between teacher and student at temperature tau, scaled
+  by tau^2 (so that gradients keep their size across temperatures), the student's cross-entropy
+  at temperature 1, and KL(teacher || student) at tau (the same as the first for forward_kl)."""
   t = temperature
   log_ps = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t, axis=-1)
   log_pt = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / t, axis=-1)
-  kl = jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1) * (t * t)
+  kl = divergence(log_pt, log_ps) * (t * t)
+  div = kl if kind == 'forward_kl' else divergence(log_pt, log_ps, kind, beta) * (t * t)
   ce = -token_log_probs(student_logits, targets)
-  return kl, ce
+  return div, ce, kl
+
+
+def _sums(div, ce, kl, kl_weight, ce_weight, kind, tokens) -> dict[str, jax.Array]:
+  out = {'loss': kl_weight * div + ce_weight * ce, 'kl': kl, 'ce': ce, 'tokens': tokens}
+  if kind != 'forward_kl':
+    out['div'] = div
+  return out
 
 
 def kd_loss_sums(student_logits, teacher_logits, tokens, segment_ids, loss_mask=None, *,
-                 kl_weight=1.0, ce_weight=0.0, temperature=1.0) -> dict[str, jax.Array]:
-  """Sums over the batch's target tokens: `loss` = kl_weight * KL + ce_weight * CE, `kl`, `ce`,
-  and `tokens` (their count). The loss per token is sums['loss'] / sums['tokens']: an average
-  over tokens, not over rows."""
+                 kl_weight=1.0, ce_weight=0.0, temperature=1.0, kind='forward_kl',
+                 beta=0.5) -> dict[str, jax.Array]:
+  """Sums over the batch's target tokens: `loss` = kl_weight * D + ce_weight * CE with D the
+  divergence `kind` (kd_token_losses), `kl` (forward KL, logged whatever D is), `ce`, `div` (D,
+  when it is not forward KL) and `tokens` (their count). The loss per token is
+  sums['loss'] / sums['tokens']: an average over tokens, not over rows."""
   targets, w = next_token_targets(tokens, segment_ids, loss_mask)
-  kl, ce = kd_token_losses(student_logits, teacher_logits, targets, temperature)
-  kl_sum, ce_sum = jnp.sum(kl * w), jnp.sum(ce * w)
-  return {'loss': kl_weight * kl_sum + ce_weight * ce_sum, 'kl': kl_sum, 'ce': ce_sum,
-          'tokens': jnp.sum(w)}
+  div, ce, kl = kd_token_losses(student_logits, teacher_logits, targets, temperature, kind, beta)
+  return _sums(jnp.sum(div * w), jnp.sum(ce * w), jnp.sum(kl * w), kl_weight, ce_weight, kind,
+               jnp.sum(w))
 
 
 def kd_loss_sums_chunked(student_hidden, teacher_hidden, student_head: Callable,
                          teacher_head: Callable, tokens, segment_ids, loss_mask=None, *, chunk=0,
-                         kl_weight=1.0, ce_weight=0.0, temperature=1.0) -> dict[str, jax.Array]:
+                         kl_weight=1.0, ce_weight=0.0, temperature=1.0, kind='forward_kl',
+                         beta=0.5) -> dict[str, jax.Array]:
   """kd_loss_sums of student_head(student_hidden) against teacher_head(teacher_hidden) (hidden
   [B, T, D] -> logits [B, T, V]), `chunk` positions at a time: a lax.scan over chunks whose body is
   under jax.checkpoint, so neither pass holds more than a chunk's [B, chunk, V] logits (the
@@ -68,7 +100,7 @@ def kd_loss_sums_chunked(student_hidden, teacher_hidden, student_head: Callable,
   if chunk <= 0 or chunk >= t:
     return kd_loss_sums(student_head(student_hidden), teacher_head(teacher_hidden), tokens,
                         segment_ids, loss_mask, kl_weight=kl_weight, ce_weight=ce_weight,
-                        temperature=temperature)
+                        temperature=temperature, kind=kind, beta=beta)
   targets, w = next_token_targets(tokens, segment_ids, loss_mask)
   n = -(-t // chunk)
 
@@ -79,15 +111,14 @@ def kd_loss_sums_chunked(student_hidden, teacher_hidden, student_head: Callable,
   @functools.partial(jax.checkpoint, prevent_cse=False)
   def body(carry, xs):
     s_h, t_h, tgt, wc = xs
-    kl, ce = kd_token_losses(student_head(s_h), jax.lax.stop_gradient(teacher_head(t_h)), tgt,
-                             temperature)
-    return (carry[0] + jnp.sum(kl * wc), carry[1] + jnp.sum(ce * wc)), None
+    div, ce, kl = kd_token_losses(student_head(s_h), jax.lax.stop_gradient(teacher_head(t_h)),
+                                  tgt, temperature, kind, beta)
+    return tuple(c + jnp.sum(x * wc) for c, x in zip(carry, (div, ce, kl))), None
 
   zero = jnp.zeros((), jnp.float32)
-  (kl_sum, ce_sum), _ = jax.lax.scan(
-      body, (zero, zero), tuple(chunks(x) for x in (student_hidden, teacher_hidden, targets, w)))
-  return {'loss': kl_weight * kl_sum + ce_weight * ce_sum, 'kl': kl_sum, 'ce': ce_sum,
-          'tokens': jnp.sum(w)}
+  (div_sum, ce_sum, kl_sum), _ = jax.lax.scan(
+      body, (zero,) * 3, tuple(chunks(x) for x in (student_hidden, teacher_hidden, targets, w)))
+  return _sums(div_sum, ce_sum, kl_sum, kl_weight, ce_weight, kind, jnp.sum(w))
 
 
 def hidden_mse_sum(student_hidden, teacher_hidden, segment_ids) -> jax.Array:

@@ -1,0 +1,72 @@
+"""Documents sampled inside jit (xecomla/rollout.py), the source of teacher stories and on-policy
+rows: a row depends on its key and id only, greedy rows equal the generator's output, and rows
+end at their first stop token with padding after it."""
+
+import jax
+import numpy as np
+import pytest
+
+from xecomla import generate, rollout
+from xecomla.convert.upcycle import InitOptions, upcycle
+from xecomla.generate import Sampling
+from xecomla.models import transformer
+from xecomla.models.config import LlamaConfig
+
+GQA = LlamaConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                  hidden_dim=40, max_seq_len=128)
+
+
+@pytest.fixture(scope='module', params=['teacher', 'student'])
+def model(request):
+  params = transformer.init_params(GQA, 1)
+  if request.param == 'teacher':
+    return GQA, params
+  cfg, p, _ = upcycle(GQA, params, InitOptions(r_kv=6, r_q=12, d_r=4, rope_dims='paper',
+                                               rope_key='mean', keep_ends_fixed=False, round_to=1))
+  return cfg, p
+
+
+def docs(model, first_row, rows, sampling=Sampling(temperature=1.0), seed=0, length=40):
+  cfg, p = model
+  return rollout.documents(transformer.graphdef(cfg), p, seed=seed, first_row=first_row,
+                           rows=rows, length=length, sampling=sampling, bos_id=1, eos_ids=(2,))
+
+
+def test_a_row_does_not_depend_on_its_batch(model):
+  whole = docs(model, 0, 6)
+  part = docs(model, 3, 3)
+  for a, b in zip(whole[3:], part):
+    np.testing.assert_array_equal(a, b)
+  again = docs(model, 0, 6)
+  assert all(np.array_equal(a, b) for a, b in zip(whole, again))
+  other = docs(model, 0, 6, seed=1)
+  assert not all(np.array_equal(a, b) for a, b in zip(whole, other))
+
+
+def test_greedy_rows_equal_the_generator(model):
+  cfg, p = model
+  rows = docs(model, 0, 2, Sampling(), length=30)
+  want = generate.generate(transformer.from_params(cfg, p), [[1]], 29, eos_ids=(1, 2))['tokens'][0]
+  if want[-1] == 1:  # a stop BOS is not part of the document
+    want = want[:-1]
+  for row in rows:  # greedy: every row the same
+    np.testing.assert_array_equal(row, [1] + want)
+
+
+def test_rows_end_at_their_first_stop_token(model):
+  cfg, p = model
+  out = jax.jit(rollout.sample_rows, static_argnums=(0, 2, 3, 4, 5))(
+      transformer.from_params(cfg, p), rollout.row_keys(jax.random.key(0), np.arange(64)),
+      60, Sampling(temperature=2.0), 1, (2,))
+  tokens, seg, pos = (np.asarray(out[k]) for k in ('tokens', 'segment_ids', 'positions'))
+  lengths = seg.sum(1)
+  stopped = 0
+  for row, s, p_, n in zip(tokens, seg, pos, lengths):
+    assert s[:n].all() and not s[n:].any()          # real tokens first, then padding only
+    np.testing.assert_array_equal(p_[:n], np.arange(n))
+    assert row[0] == 1 and 1 not in row[1:n]         # BOS only at the start
+    assert 2 not in row[:n - 1]                      # an EOS ends the row
+    assert not row[n:].any()
+    stopped += n < 60
+  # vocab 61 at temperature 2: P(no stop token in 59 draws) is small; the sample is fixed by seed
+  assert stopped > 0

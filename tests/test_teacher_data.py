@@ -1,0 +1,91 @@
+"""Teacher-generated distillation data (xecomla/teacher_data.py): generated once into a cache keyed
+by its settings, reused by a rerun, resumed part by part, and mixed with text at a ratio."""
+
+import os
+
+import numpy as np
+import pytest
+
+from configs.common import base_config
+from tests.conftest import make_hf_llama
+from xecomla import data, rollout, teacher_data
+
+
+@pytest.fixture(scope='module')
+def teacher(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp('teacher') / 'hf')
+  make_hf_llama(d)
+  return d
+
+
+def config(tmp, **data_fields):
+  c = base_config()
+  c.data.teacher_stories = 10
+  c.data.teacher_batch = 4
+  c.data.teacher_max_len = 16
+  c.data.teacher_cache = str(tmp / 'cache')
+  for k, v in data_fields.items():
+    c.data[k] = v
+  return c
+
+
+def stories(c, teacher, tmp):
+  return teacher_data.stories(c, str(tmp / 'w'), teacher, teacher)
+
+
+def counting(monkeypatch):
+  calls = []
+  real = rollout.documents
+
+  def wrapped(*args, **kwargs):
+    calls.append(kwargs['first_row'])
+    return real(*args, **kwargs)
+  monkeypatch.setattr(rollout, 'documents', wrapped)
+  return calls
+
+
+def test_generated_once_then_read_back(teacher, tmp_path, monkeypatch):
+  calls = counting(monkeypatch)
+  docs, stats = stories(config(tmp_path), teacher, tmp_path)
+  assert calls == [0, 4, 8] and len(docs) == 10
+  assert all(d[0] == 1 and 1 <= len(d) <= 16 for d in docs)
+  assert sorted(os.listdir(stats['directory'])) == ['done.json', 'part-00000.npz', 'part-00001.npz',
+                                                   'part-00002.npz', 'settings.json']
+  assert stats['stories_per_s'] > 0 and stats['tokens_per_s'] > 0  # parts 2 and 3 timed
+  again, _ = stories(config(tmp_path), teacher, tmp_path)
+  assert calls == [0, 4, 8]  # nothing generated
+  assert all(np.array_equal(a, b) for a, b in zip(docs, again))
+
+
+def test_an_interrupted_generation_resumes_with_the_same_stories(teacher, tmp_path, monkeypatch):
+  docs, stats = stories(config(tmp_path), teacher, tmp_path)
+  os.remove(os.path.join(stats['directory'], 'part-00001.npz'))
+  os.remove(os.path.join(stats['directory'], 'done.json'))
+  calls = counting(monkeypatch)
+  # another batch size now: the parts already written keep theirs (settings.json)
+  again, _ = stories(config(tmp_path, teacher_batch=8), teacher, tmp_path)
+  assert calls == [4]
+  assert all(np.array_equal(a, b) for a, b in zip(docs, again))
+
+
+def test_stories_do_not_depend_on_the_batch_but_on_the_settings(teacher, tmp_path):
+  docs, stats = stories(config(tmp_path), teacher, tmp_path)
+  other, other_stats = stories(config(tmp_path / 'b', teacher_batch=3), teacher, tmp_path / 'b')
+  assert all(np.array_equal(a, b) for a, b in zip(docs, other))
+  assert os.path.basename(stats['directory']) == os.path.basename(other_stats['directory'])
+  for change in (dict(teacher_seed=1), dict(teacher_temperature=0.7), dict(teacher_top_p=0.9)):
+    changed, s = stories(config(tmp_path, **change), teacher, tmp_path)
+    assert s['directory'] != stats['directory']
+    assert not all(np.array_equal(a, b) for a, b in zip(docs, changed))
+
+
+def test_mixed_with_text_at_the_chosen_ratio():
+  seq = 8
+  ours = [{'tokens': np.full(seq, 5, np.int32)} for _ in range(7)]
+  text = [{'tokens': np.full(seq, 9, np.int32)} for _ in range(13)]
+  ds = data.packed_dataset(ours, seq_len=seq, batch_size=4, seed=0, mix=(text, 0.25))
+  it = iter(ds)
+  rows = np.concatenate([next(it)['tokens'] for _ in range(25)])  # 100 rows of one example each
+  share = np.mean(rows[:, 0] == 5)
+  assert set(rows[:, 0]) == {5, 9}
+  assert abs(share - 0.25) <= 0.02, share  # grain mixes by weight deterministically

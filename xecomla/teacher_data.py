@@ -1,0 +1,173 @@
+"""Distillation data sampled from the teacher: unlimited in-distribution text (`data.teacher_stories`).
+
+Stories are drawn with `rollout` (BOS-started, jit-compiled decode through the teacher's cache,
+ending at EOS/BOS or `data.teacher_max_len`), `data.teacher_batch` rows per call, each row from
+its own key (seed, row id): the stories do not depend on the batch size or the machine's devices,
+only on the settings below. They are cached on disk under a key of those settings,
+
+  <data.teacher_cache or W/teacher_data>/<key>/settings.json, part-00000.npz, ..., done.json
+
+one part per batch, each written atomically: a rerun (or another run with the same settings: a
+study points every run at one cache) reads them instead of generating, and an interrupted
+generation resumes at the first missing part. done.json holds the throughput measured while
+generating (stories and tokens per second, compilation excluded).
+
+The teacher is named in the key by its source (teacher.path or distill.teacher_path as resolved:
+a llama2.c file, a directory, a Hub snapshot) and the size and modification time of each file (hashing gigabytes of weights per run would cost more than it protects against). Process 0
+generates and writes; the others wait for done.json and read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+
+import numpy as np
+from etils import epath
+
+from xecomla import console, distributed, fileio, rollout
+from xecomla.cli import UsageError
+from xecomla.generate import Sampling
+from xecomla.models import transformer
+
+VERSION = 1  # of the sampling procedure: bump when rollout's draws change
+
+
+def identity(source: str) -> list:
+  """(name, size, mtime) of the teacher's source file, or of each file of its directory."""
+  path = epath.Path(source)
+  files = [p for p in path.iterdir() if p.is_file()] if path.is_dir() else [path]
+  return sorted((p.name, int(p.stat().length), int(p.stat().mtime)) for p in files)
+
+
+def settings(config, source: str, max_seq_len: int) -> dict:
+  d = config.data
+  return {'version': VERSION, 'teacher': str(source), 'teacher_files': identity(source),
+          'stories': int(d.teacher_stories), 'temperature': float(d.teacher_temperature),
+          'top_p': float(d.teacher_top_p), 'top_k': int(d.teacher_top_k),
+          'max_len': int(d.teacher_max_len or max_seq_len), 'seed': int(d.teacher_seed)}
+
+
+def cache_dir(config, workdir: str, s: dict) -> str:
+  root = config.data.teacher_cache or os.path.join(workdir, 'teacher_data')
+  key = hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:16]
+  return os.path.join(root, key)
+
+
+def check(config, max_seq_len: int) -> None:
+  """The settings, against the generating teacher's maximum length."""
+  d = config.data
+  if d.teacher_stories < 0:
+    raise UsageError(f'data.teacher_stories={d.teacher_stories} is negative: use 0 (off) or a count.')
+  if not d.teacher_stories:
+    return
+  if not 0.0 < d.teacher_fraction <= 1.0:
+    raise UsageError(f'data.teacher_fraction={d.teacher_fraction} must be in (0, 1]: the share of '
+                     'training examples drawn from the teacher (1 = teacher stories only).')
+  if d.teacher_temperature <= 0:
+    raise UsageError(f'data.teacher_temperature={d.teacher_temperature} must be positive: sample at '
+                     'e.g. 1.0 (greedy decoding would repeat one story).')
+  if not 0.0 < d.teacher_top_p <= 1.0:
+    raise UsageError(f'data.teacher_top_p={d.teacher_top_p} must be in (0, 1]: 1 samples from the '
+                     'whole distribution.')
+  if d.teacher_batch < 1 or d.teacher_max_len < 0 or d.teacher_top_k < 0:
+    raise UsageError(f'data.teacher_batch={d.teacher_batch}, data.teacher_max_len='
+                     f'{d.teacher_max_len}, data.teacher_top_k={d.teacher_top_k}: the batch must be '
+                     'at least 1, the others not negative (0 = the model\'s length / all tokens).')
+  if not 2 <= (d.teacher_max_len or max_seq_len) <= max_seq_len:
+    raise UsageError(f'data.teacher_max_len={d.teacher_max_len} is outside 2..{max_seq_len} (the '
+                     'teacher\'s maximum length): lower it, or 0 for the whole length.')
+  if config.data.format != 'text':
+    raise UsageError('data.teacher_stories needs data.format=text (teacher stories are plain text '
+                     'documents): set data.teacher_stories=0 for chat data.')
+
+
+def _part(directory: str, i: int) -> epath.Path:
+  return epath.Path(directory, f'part-{i:05d}.npz')
+
+
+def _write_part(path: epath.Path, docs: list[np.ndarray]) -> None:
+  buf = io.BytesIO()
+  np.savez(buf, tokens=np.concatenate(docs).astype(np.int32),
+           lengths=np.asarray([len(x) for x in docs], np.int64))
+  tmp = epath.Path(f'{path}.tmp-{os.getpid()}')
+  tmp.write_bytes(buf.getvalue())
+  tmp.rename(path)
+
+
+def _read_part(path: epath.Path) -> list[np.ndarray]:
+  with np.load(io.BytesIO(path.read_bytes())) as z:
+    return np.split(z['tokens'], np.cumsum(z['lengths'])[:-1])
+
+
+def generate(directory: str, s: dict, llama, params, batch: int) -> dict:
+  """Writes the missing parts of `directory`, then done.json; returns its stats. Parts already
+  written keep the batch they were written with (settings.json records it)."""
+  recorded = epath.Path(directory, 'settings.json')
+  if recorded.exists():
+    batch = int(fileio.read_json(recorded).get('batch', batch))
+  fileio.atomic_write_json(recorded, {**s, 'batch': batch})
+  graphdef = transformer.graphdef(llama)
+  sampling = Sampling(temperature=s['temperature'], top_p=s['top_p'], top_k=s['top_k'])
+  n_parts = -(-s['stories'] // batch)
+  timed_s, timed_rows, timed_tokens, compiled = 0.0, 0, 0, False
+  for i in range(n_parts):
+    path = _part(directory, i)
+    if path.exists():
+      continue
+    rows = min(batch, s['stories'] - i * batch)
+    t0 = time.perf_counter()
+    docs = rollout.documents(graphdef, params, seed=s['seed'], first_row=i * batch, rows=rows,
+                             length=s['max_len'], sampling=sampling, bos_id=llama.bos_id,
+                             eos_ids=tuple(llama.eos_ids))
+    dt = time.perf_counter() - t0
+    if compiled and rows == batch:  # the first call of a shape compiles: not timed
+      timed_s, timed_rows, timed_tokens = timed_s + dt, timed_rows + rows, timed_tokens + sum(map(len, docs))
+    compiled = compiled or rows == batch
+    _write_part(path, docs)
+    console.status(f'teacher data: {min((i + 1) * batch, s["stories"])}/{s["stories"]} stories',
+                   i + 1 == n_parts)
+  stats = {'stories': s['stories'], 'batch': batch,
+           'stories_per_s': timed_rows / timed_s if timed_s else None,
+           'tokens_per_s': timed_tokens / timed_s if timed_s else None,
+           'decoded_positions_per_s': timed_rows * (s['max_len'] - 1) / timed_s if timed_s else None,
+           'timed_s': timed_s}
+  fileio.atomic_write_json(os.path.join(directory, 'done.json'), stats)
+  return stats
+
+
+def stories(config, workdir: str, source: str, teacher_dir: str) -> tuple[list[np.ndarray], dict]:
+  """The teacher's stories (token ids, BOS first) for this config, generated once by the model in
+  `teacher_dir` (converted from `source`, which names it in the key)."""
+  from xecomla.convert import hf, hf_config  # the length is read without loading the weights
+  s = settings(config, source, hf_config.read_llama_config(teacher_dir).max_seq_len)
+  directory = cache_dir(config, workdir, s)
+  done = epath.Path(directory, 'done.json')
+  if distributed.is_writer() and not done.exists():
+    epath.Path(directory).mkdir(parents=True, exist_ok=True)
+    llama, params = hf.load_llama(teacher_dir)
+    stats = generate(directory, s, llama, params, int(config.data.teacher_batch))
+    console.say('teacher data: %d stories in %s (%.0f tokens/s)', s['stories'], directory,
+                stats['tokens_per_s'] or 0.0)
+  distributed.barrier('xecomla_teacher_data')
+  stats = fileio.read_json(done)
+  n_parts = -(-s['stories'] // int(stats['batch']))
+  docs = [d for i in range(n_parts) for d in _read_part(_part(directory, i))]
+  return docs, {**stats, 'directory': directory,
+                'mean_tokens': float(np.mean([len(d) for d in docs]))}
+
+
+def for_config(config, workdir: str, kd_dir: str) -> list[np.ndarray] | None:
+  """The stories a distill/align stage trains on (None when data.teacher_stories is 0)."""
+  if not config.data.teacher_stories:
+    return None
+  from xecomla import hub
+  field = 'distill.teacher_path' if config.distill.teacher_path else 'teacher.path'
+  source = hub.resolve(config.distill.teacher_path or config.teacher.path, field)
+  docs, stats = stories(config, workdir, source, kd_dir)
+  console.say('teacher data: %d stories, %.0f tokens each on average (%s)', len(docs),
+              stats['mean_tokens'], stats['directory'])
+  return docs
