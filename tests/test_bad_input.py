@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from tests.conftest import STORIES_BIN, make_hf_llama, require_shared_data, small_config
+from tests.conftest import STORIES_BIN, STORIES_CONFIG, make_hf_llama, require_shared_data, small_config
 from xecomla import pipeline
 from xecomla.cli import fail_cleanly
 
@@ -310,7 +310,7 @@ def test_fresh_work_directory_is_not_created(capsys, tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 def run_main(*args):
-  r = subprocess.run([sys.executable, '-m', 'xecomla.main', '--config=configs/stories260k.py',
+  r = subprocess.run([sys.executable, '-m', 'xecomla.main', STORIES_CONFIG,
                       *args], capture_output=True, text=True)
   assert r.returncode == 2, r.stderr[-2000:]
   assert 'Traceback' not in r.stderr

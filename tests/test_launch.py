@@ -221,7 +221,7 @@ def test_slurm_job_runs_across_two_processes(tmp_path, monkeypatch):
               '--config.train.seq_len=64', '--config.eval.max_docs=4', '--config.eval.story_mc=0',
               '--config.eval.extra_paths=', '--config.eval.sample_tokens=0'])
   results = json.loads((w / 'results.json').read_text())
-  assert results['student']['kv_values_per_token'] == 50  # the config's r_kv 6 + d_r 4, 5 layers
+  assert results['student']['kv_values_per_token'] == 50  # the config's r_kv + d_r = 10, 5 layers
   for t in (0, 1):  # each task's output (srun --output): rank t of a 2-process CPU job
     assert f'[Gloo] Rank {t} is connected to 1 peer' in (w / 'logs' / f'1234-{t}.log').read_text()
   full = ''.join(p.read_text() for p in (w / 'logs').glob('2*.log'))  # xecomla's own run logs

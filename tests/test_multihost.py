@@ -31,14 +31,14 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import require_shared_data
+from tests.conftest import STORIES_CONFIG, require_shared_data
 from xecomla import ckpt, faults, workdir as wd
 from xecomla.cli import EXIT_PREEMPTED
 from xecomla.models import transformer
 from xecomla.models.config import MLAConfig
 
 
-FLAGS = ['--config=configs/stories260k.py', '--config.stages=distill', '--config.train.seq_len=64',
+FLAGS = [STORIES_CONFIG, '--config.stages=distill', '--config.train.seq_len=64',
          '--config.train.batch_size=8', '--config.train.log_every=1',
          '--config.train.ckpt_every=2', '--config.mesh.data=1', '--config.mesh.fsdp=2',
          '--config.mesh.tensor=2']

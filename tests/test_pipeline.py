@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import require_shared_data, small_config
+from tests.conftest import STORIES_CONFIG, require_shared_data, small_config
 from xecomla import pipeline, workdir as wd
 
 
@@ -100,7 +100,7 @@ def run_main(*args, cwd=None):
 def test_bad_input_fails_with_one_line_and_exit_2(tmp_path, flags, message):
   require_shared_data()
   w = tmp_path / 'w'
-  c = ['--config=configs/stories260k.py', f'--workdir={w}', '--config.stages=init,distill',
+  c = [STORIES_CONFIG, f'--workdir={w}', '--config.stages=init,distill',
        '--config.train.steps=1', *flags]
   r = run_main(*c)
   assert r.returncode == 2, r.stderr[-2000:]

@@ -18,11 +18,11 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import require_shared_data
+from tests.conftest import STORIES_CONFIG, require_shared_data
 from xecomla import ckpt, faults, workdir as wd
 from xecomla.cli import EXIT_DIVERGED, EXIT_PREEMPTED
 
-SMALL = ['--config=configs/stories260k.py', '--config.train.seq_len=64',
+SMALL = [STORIES_CONFIG, '--config.train.seq_len=64',
          '--config.train.batch_size=8', '--config.train.log_every=1', '--config.eval.max_docs=20']
 
 

@@ -19,7 +19,7 @@ NAMES = ['r4_d2', 'r6_d4', 'r12_d4']
 
 
 def expected_command(root, name, r_kv, d_r, steps=300, docs=200):
-  return (f'{PY} -m xecomla.main --config={STORIES}:r_kv={r_kv},d_r={d_r},steps={steps} '
+  return (f'{PY} -m xecomla.main --config={STORIES}:r_kv={r_kv},d_r={d_r},rope_dims=high_freq,steps={steps} '
           f'--workdir={root}/{name} --config.stages=init,distill,eval '
           f'--config.eval.max_docs={docs}')
 
@@ -91,7 +91,7 @@ def test_run_executes_unfinished_points_then_reports(tmp_path, capsys, monkeypat
                                                                           [12] * 5)
   assert r['kv_fraction'] == 80 / 320 and r['nll_vs_teacher'] == 1.61 / 1.2832 - 1
   md = (root / 'sweep.md').read_text()
-  assert ('| r12_d4 | r_kv=12,d_r=4,steps=300, stages=init,distill,eval, eval.max_docs=200 | '
+  assert ('| r12_d4 | r_kv=12,d_r=4,rope_dims=high_freq,steps=300, stages=init,distill,eval, eval.max_docs=200 | '
           '1.2832 | 1.6100 | +25.5% | 80 / 320 | 25.0% | 12 | 64 |') in md
   assert '| r6_d4 |' in md and 'not run' in md
   assert (root / 'sweep.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

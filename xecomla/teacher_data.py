@@ -103,6 +103,13 @@ def _read_part(path: epath.Path) -> list[np.ndarray]:
     return np.split(z['tokens'], np.cumsum(z['lengths'])[:-1])
 
 
+def read_cache(directory: str) -> list[np.ndarray]:
+  """The stories of a finished cache directory (one with done.json), in row order."""
+  stats = fileio.read_json(os.path.join(directory, 'done.json'))
+  n_parts = -(-int(stats['stories']) // int(stats['batch']))
+  return [d for i in range(n_parts) for d in _read_part(_part(directory, i))]
+
+
 def generate(directory: str, s: dict, llama, params, batch: int) -> dict:
   """Writes the missing parts of `directory`, then done.json; returns its stats. Parts already
   written keep the batch they were written with (settings.json records it)."""
@@ -154,8 +161,7 @@ def stories(config, workdir: str, source: str, teacher_dir: str) -> tuple[list[n
                 stats['tokens_per_s'] or 0.0)
   distributed.barrier('xecomla_teacher_data')
   stats = fileio.read_json(done)
-  n_parts = -(-s['stories'] // int(stats['batch']))
-  docs = [d for i in range(n_parts) for d in _read_part(_part(directory, i))]
+  docs = read_cache(directory)
   return docs, {**stats, 'directory': directory,
                 'mean_tokens': float(np.mean([len(d) for d in docs]))}
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
-PARTS = ('init', 'recipe', 'goal', 'grid', 'dynamic', 'loss', 'norm', 'dpo', 'long')
+from experiments.stories260k import gap
+
+PARTS = ('init', 'recipe', 'goal', 'grid', 'dynamic', 'loss', 'norm', 'dpo', 'long', 'gap')
 FRACTIONS = {'50%': 30, '25%': 14, '15.6%': 8, '9.4%': 4, '4.7%': 1}   # r_kv at d_r = 2
 INIT_FRACTIONS = ('50%', '25%', '15.6%', '9.4%')
 CONSISTENT = ('high_freq', 'low_freq', 'uniform', 'norm')
@@ -25,6 +27,7 @@ RECIPE = {'mla.r_kv': 8, 'mla.d_r': 2, 'mla.d_qk': 6, 'mla.rope_dims': 'paper', 
           'train.lr': 3e-3, 'train.batch_size': 16, 'train.seq_len': 256,
           'distill.kl_weight': 1.0, 'distill.ce_weight': 0.0}
 CURVE = {'train.eval_every': 50, 'train.eval_docs': 200}
+TEACHER_CACHE = 'runs/study/teacher_data'  # the gap part's teacher stories, shared by its runs
 
 
 def shape(r_kv: int, d_r: int = 2) -> dict:
@@ -113,6 +116,9 @@ def specs(part: str, run: Callable[[dict], dict]) -> Iterator[dict]:
     yield from goal_specs(run)
   elif part == 'long':
     yield long_spec(run)
+  elif part == 'gap':
+    best = {**RECIPE, 'mla.rope_dims': 'low_freq', 'mla.rope_key': 'fit'}  # goal_5
+    yield from gap.specs(best, TEACHER_CACHE)
 
 
 GOAL_STEPS = [  # (name, what changes against the recipe, overrides)

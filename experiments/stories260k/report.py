@@ -151,7 +151,9 @@ def plot_grid(out: str, teacher: dict, runs: dict) -> str:
   return path
 
 
-def write(out: str, teacher: dict, runs: dict[str, dict], wall_s: float) -> None:
+def write(out: str, teacher: dict, runs: dict[str, dict], wall_s: float,
+          teacher_data: list[dict] = ()) -> None:
+  from experiments.stories260k import gap_report  # it reads this module's helpers
   os.makedirs(out, exist_ok=True)
   parts = {p: [r for r in runs.values() if r['part'] == p] for p in plan.PARTS}
   md = ['# stories260K study: tables\n',
@@ -210,7 +212,13 @@ def write(out: str, teacher: dict, runs: dict[str, dict], wall_s: float) -> None
     goal = recipe + sorted(parts['goal'], key=lambda r: (r['steps'], r['name']))
     md += ['## Toward 2% of the teacher at 15.6% KV (each step: one change against the recipe)\n',
            simple_table(teacher, goal, lambda r: r.get('label', r['name']), curve=True)]
+  if parts['gap'] or any(n in runs for n in gap_report.gap.SAME_RUN.values()):
+    md += gap_report.section(teacher, runs, list(teacher_data))
   plots = []
+  gap_curves = gap_report.curves(runs)
+  if len(gap_curves) > 1:
+    plots.append(plot_curves(out, teacher, gap_curves, 'curves_gap.png',
+                             'Levers at 15.6% KV (seed 0)'))
   if parts['grid']:
     plots.append(plot_grid(out, teacher, runs))
   curves = {r['init']: r['curve'] for r in parts['recipe']}

@@ -99,12 +99,16 @@ def run_one(spec: dict) -> dict:
     c = config_for(spec['over'])
     c.train.steps = spec['steps']
     c.stages = 'distill,dpo,eval' if spec.get('dpo') else 'distill,eval'
+    if spec.get('align'):
+      c.stages = 'align,' + c.stages
     t1 = time.perf_counter()
     res = pipeline.run(c, workdir)
     out['after'] = res['eval']['student']
     out['distill'] = res['distill']
     if spec.get('dpo'):
       out['dpo'] = res['dpo']
+    if spec.get('align'):
+      out['align'] = res['align']
     out['train_wall_s'] = round(time.perf_counter() - t1, 1)
     out['curve'] = curve(workdir)
   out['wall_s'] = round(time.perf_counter() - t0, 1)
@@ -135,6 +139,26 @@ def teacher_row() -> dict:
   return r
 
 
+def teacher_data_stats() -> list[dict]:
+  """done.json of every finished teacher-story cache of the gap part (throughput, counts)."""
+  root = plan.TEACHER_CACHE
+  out = []
+  for key in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+    done = os.path.join(root, key, 'done.json')
+    if os.path.exists(done):
+      from xecomla import teacher_data
+      lengths = [len(d) for d in teacher_data.read_cache(os.path.join(root, key))]
+      out.append({**json.load(open(done)), 'mean_tokens': sum(lengths) / len(lengths)})
+  return out
+
+
+def saved_runs() -> dict:
+  """The runs of the last report (results.json): a machine holding only some work directories
+  (a part rerun elsewhere) still reports every row; a run found under --runs replaces its entry."""
+  path = os.path.join(_OUT.value, 'results.json')
+  return json.load(open(path))['runs'] if os.path.exists(path) else {}
+
+
 def main(argv):
   del argv
   os.makedirs(_OUT.value, exist_ok=True)
@@ -150,14 +174,17 @@ def main(argv):
     for part in parts:
       for spec in plan.specs(part, lambda s: run_one(s)):
         run_one(spec)
-  runs = {}
+  runs = saved_runs()
   if os.path.isdir(_RUNS.value):
     for name in sorted(os.listdir(_RUNS.value)):
       path = os.path.join(_RUNS.value, name, 'study.json')
       if os.path.exists(path):
         runs[name] = json.load(open(path))
-  teacher = json.load(open(os.path.join(_RUNS.value, 'teacher.json')))
-  report.write(_OUT.value, teacher, runs, wall_s=time.perf_counter() - t0)
+  teacher_path = os.path.join(_RUNS.value, 'teacher.json')
+  teacher = (json.load(open(teacher_path)) if os.path.exists(teacher_path) else
+             json.load(open(os.path.join(_OUT.value, 'results.json')))['teacher'])
+  report.write(_OUT.value, teacher, runs, wall_s=time.perf_counter() - t0,
+               teacher_data=teacher_data_stats())
   print(f'results in {_OUT.value}')
 
 
