@@ -70,6 +70,7 @@ def test_resumed_on_policy_run_ends_with_the_same_parameters(init_dir, tmp_path)
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 1, 4  # rows split over 2 devices: 2 + 6
   c.distill.policy_fraction = 0.25  # 2 of 8 rows
   c.distill.divergence = 'reverse_kl'
+  c.train.eval_every, c.train.eval_docs = 2, 4  # held-out NLL during training as well
   out = pipeline.run(c, dirs[0])['distill']
   assert 'div' in out['last']
   c.train.stop_after = 2
@@ -80,4 +81,4 @@ def test_resumed_on_policy_run_ends_with_the_same_parameters(init_dir, tmp_path)
   for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
     np.testing.assert_array_equal(x, y)
   lines = [json.loads(l) for l in open(os.path.join(dirs[1], 'distill', 'metrics.jsonl'))]
-  assert lines[-1]['tokens'] > 0
+  assert lines[-1]['tokens'] > 0 and all('eval_nll' in l for l in lines if l['step'] % 2 == 0)

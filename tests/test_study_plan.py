@@ -5,7 +5,7 @@ import zlib
 
 import pytest
 
-from experiments.stories260k import plan, study
+from experiments.stories260k import gap, gap_report, plan, report, study
 from tests.conftest import require_shared_data
 from xecomla import pipeline
 
@@ -39,7 +39,7 @@ def test_kv_fractions_are_what_the_tables_say():
     values = over['mla.r_kv'] + over['mla.d_r']
     if s['part'] in ('grid', 'init'):
       assert values == plan.FRACTIONS[s['frac']] + 2, s['name']
-    if s['part'] in ('recipe', 'goal', 'loss', 'norm', 'dpo'):
+    if s['part'] in ('recipe', 'goal', 'loss', 'norm', 'dpo', 'gap'):
       assert values == 10, s['name']                             # 10 / 64 = 15.6%
 
 
@@ -47,4 +47,22 @@ def test_every_run_passes_the_pipelines_validation():
   require_shared_data()
   for s in SPECS:
     c = study.config_for(s['over'])
-    pipeline.validate(c, pipeline.parse_stages('init,distill,dpo,eval'))
+    pipeline.validate(c, pipeline.parse_stages('init,align,distill,dpo,eval'))
+
+
+def fake_run(valid, ood=5.0):
+  texts = {report.VALID: {'nll': valid}, report.SHAKESPEARE: {'nll': ood}}
+  return {'after': {'texts': texts}, 'train_wall_s': 600.0}
+
+
+def test_gap_table_averages_seeds_and_lists_what_is_not_run():
+  teacher = {'texts': {report.VALID: {'nll': 1.5}, report.SHAKESPEARE: {'nll': 4.8}}}
+  runs = {'goal_5_low_freq_fit': fake_run(1.8), gap.name('base', 1000, 1): fake_run(1.7),
+          gap.name('teacher', 1000, 0): fake_run(1.65, 4.9)}
+  md = '\n'.join(gap_report.section(teacher, runs, []))
+  rows = [l for l in md.splitlines() if l.startswith('| slowest') or l.startswith('| teacher-')]
+  assert rows[0].split(' | ')[1:6] == ['1000 (4.1M)', '2', '1.7500 ± 0.0500', '+16.7%',
+                                       's0 1.8000, s1 1.7000']
+  assert rows[1].split(' | ')[1:5] == ['1000 (4.1M)', '1', '1.6500', '+10.0%']
+  assert gap.name('teacher', 1000, 1) in md.split('Not run yet')[1]
+  assert gap.name('base', 1000, 1) not in md.split('Not run yet')[1]

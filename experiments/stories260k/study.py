@@ -3,6 +3,7 @@
   python -m experiments.stories260k.study                    # everything (resumable)
   python -m experiments.stories260k.study --only=grid,recipe  # some parts
   python -m experiments.stories260k.study --report_only      # tables and plots from saved runs
+  python -m experiments.stories260k.study --only=gap --names=gap_align_1000_s1   # chosen runs
 
 Every run goes through the product itself (xecomla.pipeline: init -> eval -> distill -> eval) in
 its own work directory under --runs; a finished run is read back, not redone. Per run it stores
@@ -33,6 +34,8 @@ from xecomla import pipeline
 _RUNS = flags.DEFINE_string('runs', 'runs/study', 'Where the runs\' work directories go.')
 _OUT = flags.DEFINE_string('out', 'experiments/stories260k/results', 'Tables, plots, JSON.')
 _ONLY = flags.DEFINE_list('only', [], f'Parts to run (default all): {", ".join(plan.PARTS)}.')
+_NAMES = flags.DEFINE_list('names', [], 'Only these runs of the parts, in this order (e.g. to '
+                           'share a part between two processes: a run is claimed only when done).')
 _REPORT_ONLY = flags.DEFINE_bool('report_only', False, 'Only rebuild tables and plots.')
 _KEEP = flags.DEFINE_bool('keep_checkpoints', False, 'Keep each run\'s checkpoints.')
 
@@ -171,9 +174,19 @@ def main(argv):
   t0 = time.perf_counter()
   if not _REPORT_ONLY.value:
     teacher_row()
+    chosen = {}
     for part in parts:
       for spec in plan.specs(part, lambda s: run_one(s)):
-        run_one(spec)
+        if not _NAMES.value:
+          run_one(spec)
+        elif spec['name'] in _NAMES.value:
+          chosen[spec['name']] = spec
+    unknown = [n for n in _NAMES.value if n not in chosen]
+    if unknown:
+      print(f'error: no run named {", ".join(unknown)} in parts {", ".join(parts)}', file=sys.stderr)
+      sys.exit(2)
+    for name in _NAMES.value:
+      run_one(chosen[name])
   runs = saved_runs()
   if os.path.isdir(_RUNS.value):
     for name in sorted(os.listdir(_RUNS.value)):

@@ -180,9 +180,9 @@ def run(config, workdir: str) -> dict[str, Any]:
     extend = onpolicy.make_sampler(
         student_cfg, model_kw, trainer, rows=rows, seq_len=t.seq_len, seed=config.seed,
         sampling=Sampling(temperature=d.policy_temperature, top_p=d.policy_top_p))
-  evaluate = None
+  evaluator = None  # held-out NLL during training (the name `evaluate` is the stage module)
   if t.eval_every and config.eval.path:
-    evaluate = evaluation.nll_evaluator(
+    evaluator = evaluation.nll_evaluator(
         transformer.graphdef(student_cfg, **model_kw), tokenizer, config.eval.path,
         max_docs=t.eval_docs, bos_id=llama.bos_id,
         max_len=evaluate.max_len(config, llama),
@@ -195,6 +195,6 @@ def run(config, workdir: str) -> dict[str, Any]:
           'config': json.loads(config.to_json_best_effort())}
   _, summary = loop.run(name='distill', stage_dir=wd.stage_dir(workdir, 'distill'), trainer=trainer,
                         model_config=student_cfg, params=params, frozen=teacher_params,
-                        dataset=dataset, spec=spec, meta=meta, lr_fn=lr_fn, evaluate=evaluate,
+                        dataset=dataset, spec=spec, meta=meta, lr_fn=lr_fn, evaluate=evaluator,
                         extend=extend)
   return summary
