@@ -11,7 +11,8 @@ from tests.conftest import require_shared_data
 from xecomla.ckpt import TMP
 
 # configs/stories260k.py on the smallest shapes: one distillation step, two evaluation documents.
-TINY = ['--config=configs/stories260k.py', '--config.train.steps=1', '--config.train.seq_len=32',
+TINY = ['--config=configs/stories260k.py', '--config.train.steps=1', '--config.align.steps=1',
+        '--config.train.seq_len=32',
         '--config.train.batch_size=8', '--config.train.log_every=1', '--config.train.ckpt_every=1',
         '--config.eval.max_docs=2', '--config.eval.max_len=32', '--config.eval.extra_paths=',
         '--config.eval.sample_tokens=0', '--config.eval.story_mc=0', '--config.eval.cache_dtype=']

@@ -16,6 +16,8 @@ Levers:
   jsd         generalised JSD (beta 0.5) instead of forward KL, on the same data
   hidden      hidden-state KD (per-layer residual MSE, weight HIDDEN_WEIGHT) added to the KL
   attention   only the attention weights train (MLP, norms, embeddings stay the teacher's)
+  base_9p4, align_9p4   the 9.4% point (r_kv 4 + d_r 2, same pair and key) without and with the
+              align stage, the best lever at 15.6%
 
 ORDER lists the specs from the most to the least informative, the order they are run in, so a
 partial run of the part holds the rows that matter most. The story-completion column is not
@@ -47,12 +49,17 @@ def levers(cache: str) -> dict[str, tuple[str, dict]]:
                  {'distill.hidden_weight': HIDDEN_WEIGHT}),
       'attention': ('attention weights only', {'train.trainable': 'attention'}),
       'teacher_align': ('teacher data + align stage', {**teacher, 'align.steps': ALIGN_STEPS}),
+      # the 9.4% point (r_kv 4 + d_r 2) with the best lever of the 15.6% rows, and without it
+      'base_9p4': ('at 9.4% KV (r_kv 4 + d_r 2)', {'mla.r_kv': 4}),
+      'align_9p4': ('at 9.4% KV (r_kv 4 + d_r 2), align stage first',
+                    {'mla.r_kv': 4, 'align.steps': ALIGN_STEPS}),
   }
 
 
 ORDER = [('align', 1000, 0), ('base', 1000, 1), ('align', 1000, 1), ('teacher', 1000, 0),
-         ('teacher', 1000, 1), ('teacher_align', 1000, 0), ('onpolicy', 1000, 0),
-         ('hidden', 1000, 0), ('attention', 1000, 0), ('jsd', 1000, 0)]
+         ('teacher', 1000, 1), ('onpolicy', 1000, 0), ('align_9p4', 1000, 0),
+         ('teacher_align', 1000, 0), ('base_9p4', 1000, 0), ('hidden', 1000, 0),
+         ('attention', 1000, 0), ('jsd', 1000, 0)]
 # base at seed 0 is the goal part's run of the same settings (training does not depend on how
 # often the curve is evaluated): goal_5_low_freq_fit at 1000 steps, goal_long at 2000.
 SAME_RUN = {('base', RECIPE_STEPS, 0): 'goal_5_low_freq_fit', ('base', DOUBLE_STEPS, 0): 'goal_long'}
