@@ -68,6 +68,18 @@ def test_an_interrupted_generation_resumes_with_the_same_stories(teacher, tmp_pa
   assert all(np.array_equal(a, b) for a, b in zip(docs, again))
 
 
+def test_more_stories_extend_the_cache_and_fewer_read_its_start(teacher, tmp_path, monkeypatch):
+  docs, stats = stories(config(tmp_path), teacher, tmp_path)        # 10: parts of 4, 4, 2
+  calls = counting(monkeypatch)
+  more, more_stats = stories(config(tmp_path, teacher_stories=13), teacher, tmp_path)
+  assert more_stats['directory'] == stats['directory']
+  assert calls == [8, 12]  # the short last part again, then a new one
+  assert len(more) == 13 and all(np.array_equal(a, b) for a, b in zip(docs, more))
+  fewer, _ = stories(config(tmp_path, teacher_stories=5), teacher, tmp_path)
+  assert calls == [8, 12] and len(fewer) == 5
+  assert all(np.array_equal(a, b) for a, b in zip(docs, fewer))
+
+
 def test_stories_do_not_depend_on_the_batch_but_on_the_settings(teacher, tmp_path):
   docs, stats = stories(config(tmp_path), teacher, tmp_path)
   other, other_stats = stories(config(tmp_path / 'b', teacher_batch=3), teacher, tmp_path / 'b')

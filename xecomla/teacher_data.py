@@ -8,9 +8,11 @@ only on the settings below. They are cached on disk under a key of those setting
   <data.teacher_cache or W/teacher_data>/<key>/settings.json, part-00000.npz, ..., done.json
 
 one part per batch, each written atomically: a rerun (or another run with the same settings: a
-study points every run at one cache) reads them instead of generating, and an interrupted
-generation resumes at the first missing part. done.json holds the throughput measured while
-generating (stories and tokens per second, compilation excluded).
+study points every run at one cache) reads them instead of generating, an interrupted generation
+resumes at the first missing part, and a run asking for more stories than the cache holds adds
+the missing ones (story i does not depend on the count, so the count is not in the key).
+done.json holds how many are complete and the throughput measured while generating (stories and
+tokens per second, compilation excluded).
 
 The teacher is named in the key by its source (teacher.path or distill.teacher_path as resolved:
 a llama2.c file, a directory, a Hub snapshot) and the size and modification time of each file (hashing gigabytes of weights per run would cost more than it protects against). Process 0
@@ -44,11 +46,13 @@ def identity(source: str) -> list:
 
 
 def settings(config, source: str, max_seq_len: int) -> dict:
+  """What the stories depend on (the cache key). Not their number: story i is the same whatever
+  the count, so a cache of N stories is the first N of a longer one."""
   d = config.data
   return {'version': VERSION, 'teacher': str(source), 'teacher_files': identity(source),
-          'stories': int(d.teacher_stories), 'temperature': float(d.teacher_temperature),
-          'top_p': float(d.teacher_top_p), 'top_k': int(d.teacher_top_k),
-          'max_len': int(d.teacher_max_len or max_seq_len), 'seed': int(d.teacher_seed)}
+          'temperature': float(d.teacher_temperature), 'top_p': float(d.teacher_top_p),
+          'top_k': int(d.teacher_top_k), 'max_len': int(d.teacher_max_len or max_seq_len),
+          'seed': int(d.teacher_seed)}
 
 
 def cache_dir(config, workdir: str, s: dict) -> str:
@@ -95,7 +99,7 @@ def _write_part(path: epath.Path, docs: list[np.ndarray]) -> None:
            lengths=np.asarray([len(x) for x in docs], np.int64))
   tmp = epath.Path(f'{path}.tmp-{os.getpid()}')
   tmp.write_bytes(buf.getvalue())
-  tmp.rename(path)
+  tmp.replace(path)  # over a shorter part of a smaller count
 
 
 def _read_part(path: epath.Path) -> list[np.ndarray]:
@@ -103,29 +107,35 @@ def _read_part(path: epath.Path) -> list[np.ndarray]:
     return np.split(z['tokens'], np.cumsum(z['lengths'])[:-1])
 
 
-def read_cache(directory: str) -> list[np.ndarray]:
-  """The stories of a finished cache directory (one with done.json), in row order."""
-  stats = fileio.read_json(os.path.join(directory, 'done.json'))
-  n_parts = -(-int(stats['stories']) // int(stats['batch']))
-  return [d for i in range(n_parts) for d in _read_part(_part(directory, i))]
+def _rows(path: epath.Path) -> int:
+  with np.load(io.BytesIO(path.read_bytes())) as z:
+    return len(z['lengths'])
 
 
-def generate(directory: str, s: dict, llama, params, batch: int) -> dict:
-  """Writes the missing parts of `directory`, then done.json; returns its stats. Parts already
-  written keep the batch they were written with (settings.json records it)."""
+def read_cache(directory: str, n: int) -> list[np.ndarray]:
+  """The first n stories of a cache directory, in row order."""
+  batch = int(fileio.read_json(os.path.join(directory, 'settings.json'))['batch'])
+  docs = [d for i in range(-(-n // batch)) for d in _read_part(_part(directory, i))]
+  return docs[:n]
+
+
+def generate(directory: str, s: dict, n: int, llama, params, batch: int) -> dict:
+  """Writes the parts of `directory` that the first n stories need and are missing (or shorter:
+  the last part of a smaller count), then done.json; returns its stats. Parts already written keep
+  the batch they were written with (settings.json records it)."""
   recorded = epath.Path(directory, 'settings.json')
   if recorded.exists():
     batch = int(fileio.read_json(recorded).get('batch', batch))
   fileio.atomic_write_json(recorded, {**s, 'batch': batch})
   graphdef = transformer.graphdef(llama)
   sampling = Sampling(temperature=s['temperature'], top_p=s['top_p'], top_k=s['top_k'])
-  n_parts = -(-s['stories'] // batch)
+  n_parts = -(-n // batch)
   timed_s, timed_rows, timed_tokens, compiled = 0.0, 0, 0, False
   for i in range(n_parts):
     path = _part(directory, i)
-    if path.exists():
+    rows = min(batch, n - i * batch)
+    if path.exists() and _rows(path) >= rows:
       continue
-    rows = min(batch, s['stories'] - i * batch)
     t0 = time.perf_counter()
     docs = rollout.documents(graphdef, params, seed=s['seed'], first_row=i * batch, rows=rows,
                              length=s['max_len'], sampling=sampling, bos_id=llama.bos_id,
@@ -135,34 +145,38 @@ def generate(directory: str, s: dict, llama, params, batch: int) -> dict:
       timed_s, timed_rows, timed_tokens = timed_s + dt, timed_rows + rows, timed_tokens + sum(map(len, docs))
     compiled = compiled or rows == batch
     _write_part(path, docs)
-    console.status(f'teacher data: {min((i + 1) * batch, s["stories"])}/{s["stories"]} stories',
-                   i + 1 == n_parts)
-  stats = {'stories': s['stories'], 'batch': batch,
+    console.status(f'teacher data: {min((i + 1) * batch, n)}/{n} stories', i + 1 == n_parts)
+  stats = {'stories': n, 'batch': batch,
            'stories_per_s': timed_rows / timed_s if timed_s else None,
            'tokens_per_s': timed_tokens / timed_s if timed_s else None,
            'decoded_positions_per_s': timed_rows * (s['max_len'] - 1) / timed_s if timed_s else None,
            'timed_s': timed_s}
-  fileio.atomic_write_json(os.path.join(directory, 'done.json'), stats)
+  done = epath.Path(directory, 'done.json')
+  if done.exists() and timed_s == 0.0:  # nothing timed here: keep the throughput measured before
+    stats = {**fileio.read_json(done), 'stories': n}
+  fileio.atomic_write_json(done, stats)
   return stats
 
 
 def stories(config, workdir: str, source: str, teacher_dir: str) -> tuple[list[np.ndarray], dict]:
-  """The teacher's stories (token ids, BOS first) for this config, generated once by the model in
-  `teacher_dir` (converted from `source`, which names it in the key)."""
+  """The teacher's first data.teacher_stories stories (token ids, BOS first) for this config,
+  generated once by the model in `teacher_dir` (converted from `source`, which names it in the
+  key); a cache holding fewer is extended."""
   from xecomla.convert import hf, hf_config  # the length is read without loading the weights
   s = settings(config, source, hf_config.read_llama_config(teacher_dir).max_seq_len)
+  n = int(config.data.teacher_stories)
   directory = cache_dir(config, workdir, s)
   done = epath.Path(directory, 'done.json')
-  if distributed.is_writer() and not done.exists():
+  if distributed.is_writer() and not (done.exists() and fileio.read_json(done)['stories'] >= n):
     epath.Path(directory).mkdir(parents=True, exist_ok=True)
     llama, params = hf.load_llama(teacher_dir)
-    stats = generate(directory, s, llama, params, int(config.data.teacher_batch))
-    console.say('teacher data: %d stories in %s (%.0f tokens/s)', s['stories'], directory,
+    stats = generate(directory, s, n, llama, params, int(config.data.teacher_batch))
+    console.say('teacher data: %d stories in %s (%.0f tokens/s)', n, directory,
                 stats['tokens_per_s'] or 0.0)
   distributed.barrier('xecomla_teacher_data')
   stats = fileio.read_json(done)
-  docs = read_cache(directory)
-  return docs, {**stats, 'directory': directory,
+  docs = read_cache(directory, n)
+  return docs, {**stats, 'stories': n, 'directory': directory,
                 'mean_tokens': float(np.mean([len(d) for d in docs]))}
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-RECIPE_STEPS, DOUBLE_STEPS = 1000, 2000
+RECIPE_STEPS, DOUBLE_STEPS, LONG_STEPS = 1000, 2000, 4000
 TEACHER_STORIES = 12_288     # x ~362 tokens = 4.45M tokens: one pass at the recipe's budget
 ALIGN_STEPS = 300
 HIDDEN_WEIGHT = 1.0
@@ -49,6 +49,10 @@ def levers(cache: str) -> dict[str, tuple[str, dict]]:
                  {'distill.hidden_weight': HIDDEN_WEIGHT}),
       'attention': ('attention weights only', {'train.trainable': 'attention'}),
       'teacher_align': ('teacher data + align stage', {**teacher, 'align.steps': ALIGN_STEPS}),
+      # learning curves past the recipe: fresh teacher stories for all 4000 steps (4x as many)
+      # against the 2 MiB file seen 16 times
+      'teacher_fresh': (f'teacher-generated data ({4 * TEACHER_STORIES} stories: fresh for '
+                        f'{LONG_STEPS} steps)', {**teacher, 'data.teacher_stories': 4 * TEACHER_STORIES}),
       # the 9.4% point (r_kv 4 + d_r 2) with the best lever of the 15.6% rows, and without it
       'base_9p4': ('at 9.4% KV (r_kv 4 + d_r 2)', {'mla.r_kv': 4}),
       'align_9p4': ('at 9.4% KV (r_kv 4 + d_r 2), align stage first',
@@ -77,10 +81,15 @@ def spec(best: dict, cache: str, lever: str, steps: int, seed: int) -> dict:
                    'seed': seed, **over}}
 
 
+# 4000 steps: the learning curves on fresh and on repeated data (one seed)
+LONG = [('base', LONG_STEPS, 0), ('teacher_fresh', LONG_STEPS, 0)]
+
+
 def specs(best: dict, cache: str) -> Iterator[dict]:
-  """ORDER first, then every other (lever, budget, seed)."""
+  """ORDER first, then every other (lever, budget, seed), then LONG."""
   done = set()
-  rest = [(l, s, d) for l in levers(cache) for s in (RECIPE_STEPS, DOUBLE_STEPS) for d in SEEDS]
+  rest = [(l, s, d) for l in levers(cache) if l != 'teacher_fresh'
+          for s in (RECIPE_STEPS, DOUBLE_STEPS) for d in SEEDS] + LONG
   for key in ORDER + rest:
     if key not in done and key not in SAME_RUN:
       done.add(key)

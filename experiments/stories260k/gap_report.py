@@ -37,7 +37,7 @@ def cell(values: list[float]) -> str:
 def rows(runs: dict, teacher_nll: float) -> list[list]:
   out = []
   for lever, (label, _) in gap.levers('').items():
-    for steps in (gap.RECIPE_STEPS, gap.DOUBLE_STEPS):
+    for steps in (gap.RECIPE_STEPS, gap.DOUBLE_STEPS, gap.LONG_STEPS):
       found = seeds_of(runs, lever, steps)
       if not found:
         continue
@@ -53,9 +53,7 @@ def rows(runs: dict, teacher_nll: float) -> list[list]:
 
 
 def missing(runs: dict) -> list[str]:
-  return [gap.name(*k) for k in ((l, s, d) for l in gap.levers('') for s in
-                                 (gap.RECIPE_STEPS, gap.DOUBLE_STEPS) for d in gap.SEEDS)
-          if k not in gap.SAME_RUN and gap.name(*k) not in runs]
+  return [s['name'] for s in gap.specs({}, '') if s['name'] not in runs]
 
 
 def section(teacher: dict, runs: dict, teacher_data: list[dict]) -> list[str]:
@@ -85,7 +83,7 @@ def section(teacher: dict, runs: dict, teacher_data: list[dict]) -> list[str]:
 def curves(runs: dict) -> dict[str, list[dict]]:
   out = {}
   for lever, (label, _) in gap.levers('').items():
-    for steps in (gap.RECIPE_STEPS, gap.DOUBLE_STEPS):
+    for steps in (gap.RECIPE_STEPS, gap.DOUBLE_STEPS, gap.LONG_STEPS):
       found = seeds_of(runs, lever, steps)
       if 0 in found and found[0].get('curve'):
         out[f'{label}, {steps}'] = found[0]['curve']

@@ -150,8 +150,9 @@ def teacher_data_stats() -> list[dict]:
     done = os.path.join(root, key, 'done.json')
     if os.path.exists(done):
       from xecomla import teacher_data
-      lengths = [len(d) for d in teacher_data.read_cache(os.path.join(root, key))]
-      out.append({**json.load(open(done)), 'mean_tokens': sum(lengths) / len(lengths)})
+      stats = json.load(open(done))
+      lengths = [len(d) for d in teacher_data.read_cache(os.path.join(root, key), stats['stories'])]
+      out.append({**stats, 'mean_tokens': sum(lengths) / len(lengths)})
   return out
 
 
