@@ -7,6 +7,7 @@ shuffle and packing of the data; the SVD start is the same). Names: gap_<lever>_
 
 Levers:
   base        BEST as it is (the reference row of the table)
+  mix         half of the examples from the teacher's stories, half from the 2 MiB file
   teacher     distillation data sampled from the teacher (TEACHER_STORIES stories, temperature 1,
               cached once under runs/.../teacher_data and shared by every run) instead of the
               2 MiB file
@@ -49,6 +50,8 @@ def levers(cache: str) -> dict[str, tuple[str, dict]]:
                  {'distill.hidden_weight': HIDDEN_WEIGHT}),
       'attention': ('attention weights only', {'train.trainable': 'attention'}),
       'teacher_align': ('teacher data + align stage', {**teacher, 'align.steps': ALIGN_STEPS}),
+      'mix': ('half teacher stories, half the 2 MiB text (by examples)',
+              {**teacher, 'data.teacher_fraction': 0.5}),
       # learning curves past the recipe: fresh teacher stories for all 4000 steps (4x as many)
       # against the 2 MiB file seen 16 times
       'teacher_fresh': (f'teacher-generated data ({4 * TEACHER_STORIES} stories: fresh for '
