@@ -5,6 +5,10 @@ import os
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# libtpu (here only to compile for TPU topologies ahead of time; no chip is used) takes
+# /tmp/libtpu_lockfile per process; another jax process on the machine (a training run, a second
+# test session) would make the topology tests fail with "multi-process lockfile" otherwise.
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
