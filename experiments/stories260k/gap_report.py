@@ -60,7 +60,7 @@ def section(teacher: dict, runs: dict, teacher_data: list[dict]) -> list[str]:
   t = teacher['texts'][VALID]['nll']
   header = ['change (from slowest pair 3 + fitted key, 15.6% KV)', 'steps (tokens)', 'seeds',
             'held-out NLL (mean ± half spread)', 'vs teacher', 'per seed', 'shakespeare',
-            'train min']
+            'train min (2 cores, shared)']
   md = ['## Closing the gap at 15.6% KV: one lever at a time (part `gap`)\n',
         f'Teacher: {t:.4f} held-out, {teacher["texts"][SHAKESPEARE]["nll"]:.4f} shakespeare; the '
         f'goal is {1.02 * t:.4f} (within 2%), on the way {1.10 * t:.4f} (+10%) at 1000 steps. '
@@ -73,7 +73,7 @@ def section(teacher: dict, runs: dict, teacher_data: list[dict]) -> list[str]:
               f"tokens), {s.get('mean_tokens', 0):.0f} tokens each on average, generated at "
               f"{s['stories_per_s']:.1f} stories/s = {s['tokens_per_s']:,.0f} tokens/s "
               f"({s['decoded_positions_per_s']:,.0f} decoded positions/s, batch {s['batch']}, "
-              f"compilation excluded) on this machine.\n")
+              f"compilation excluded) on this machine, while a study run shared its 2 cores.\n")
   left = missing(runs)
   if left:
     md.append(f'Not run yet ({len(left)}): ' + ', '.join(left) + '.\n')
