@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from xecomla import generate, rollout
+from xecomla import generate, rollout, sharding
 from xecomla.convert.upcycle import InitOptions, upcycle
 from xecomla.generate import Sampling
 from xecomla.models import transformer
@@ -70,3 +70,15 @@ def test_rows_end_at_their_first_stop_token(model):
     stopped += n < 60
   # vocab 61 at temperature 2: P(no stop token in 59 draws) is small; the sample is fixed by seed
   assert stopped > 0
+
+
+def test_a_mesh_decodes_the_rows_one_device_does(model):
+  """Rows split over data = 8 (3 rows asked: padded to 8 and dropped) equal one device's."""
+  cfg, p = model
+  mesh = sharding.make_mesh()
+  gen = rollout.Generator(transformer.graphdef(cfg), mesh, sharding.replicated(mesh), batch=3,
+                          length=40, sampling=Sampling(temperature=1.0), bos_id=1, eos_ids=(2,))
+  assert gen.batch == 8
+  wide = gen(sharding.put(p, sharding.replicated(mesh)), seed=0, first_row=2, rows=3)
+  for a, b in zip(docs(model, 2, 3), wide, strict=True):
+    np.testing.assert_array_equal(a, b)

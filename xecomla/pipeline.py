@@ -15,7 +15,8 @@ from xecomla import console, distributed, fileio, hub, workdir as wd
 from xecomla.cli import UsageError
 
 STAGES = ('init', 'align', 'distill', 'dpo', 'eval', 'export')
-MODULES = {'init': 'init', 'align': 'align', 'distill': 'distill', 'dpo': 'dpo', 'eval': 'evaluate', 'export': 'export'}
+MODULES = {'init': 'init', 'align': 'align', 'distill': 'distill', 'dpo': 'dpo', 'eval': 'evaluate',
+           'export': 'export'}
 
 
 def parse_stages(stages: str) -> list[str]:

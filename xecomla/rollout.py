@@ -12,13 +12,12 @@ begin). What follows the stop is padding: segment 0, never a target, never atten
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from xecomla import sharding
 from xecomla.generate import Sampling, sample
 from xecomla.models import kvcache
 
@@ -59,16 +58,50 @@ def sample_rows(model, keys: jax.Array, length: int, sampling: Sampling, bos_id:
           'segment_ids': segment}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5, 6))
-def _sample_jit(graphdef, state, keys, length, sampling, bos_id, eos_ids):
-  return sample_rows(nnx.merge(graphdef, state), keys, length, sampling, bos_id, eos_ids)
+class Generator:
+  """Rows of one seed's stream decoded on a mesh: the model's parameters in `param_shardings`
+  (those the trainer gives them, so a teacher too large for one device is decoded where it is
+  held), the rows split over the mesh's batch axes, every process calling with the same
+  arguments (SPMD); each gets all rows back. Calls are padded to `batch` rows (rounded up to the
+  batch axes' devices), so one program serves every call; the padding rows are drawn and dropped.
+
+  A row's tokens depend on its key and id only, on one device as on a data-parallel mesh; over
+  fsdp or tensor axes the sums split differently, so a draw at a float-close tie may differ."""
+
+  def __init__(self, graphdef, mesh, param_shardings, *, batch: int, length: int,
+               sampling: Sampling, bos_id: int, eos_ids: tuple[int, ...]):
+    self.mesh, self.length = mesh, length
+    devices = sharding.batch_devices(mesh)
+    self.batch = -(-batch // devices) * devices
+    self.row_sharding = sharding.batch_sharding(mesh)
+    rep = sharding.replicated(mesh)
+
+    def fn(state, seed, ids):
+      keys = row_keys(jax.random.key(seed), ids)
+      return sample_rows(nnx.merge(graphdef, state), keys, length, sampling, bos_id,
+                         tuple(eos_ids))
+
+    self._fn = sharding.UnderMesh(jax.jit(fn, in_shardings=(param_shardings, rep,
+                                                            self.row_sharding),
+                                          out_shardings=rep), mesh)
+
+  def __call__(self, state, *, seed: int, first_row: int, rows: int) -> list[np.ndarray]:
+    """Rows first_row .. first_row + rows - 1 of seed's stream, each cut to its real tokens."""
+    if rows > self.batch:
+      raise ValueError(f'{rows} rows asked of a generator of {self.batch}')
+    ids = np.arange(first_row, first_row + self.batch, dtype=np.uint32)
+    seed = sharding.put(np.int32(seed), sharding.replicated(self.mesh))
+    out = self._fn(state, seed, sharding.put(ids, self.row_sharding))
+    # replicated: every process holds the whole result on each of its devices
+    tokens, segment = (np.asarray(out[k].addressable_data(0))[:rows]
+                       for k in ('tokens', 'segment_ids'))
+    return [row[:int(n)] for row, n in zip(tokens, segment.sum(axis=1))]
 
 
 def documents(graphdef, state, *, seed: int, first_row: int, rows: int, length: int,
               sampling: Sampling, bos_id: int, eos_ids: tuple[int, ...]) -> list[np.ndarray]:
-  """Rows first_row .. first_row + rows - 1 of seed's stream, each cut to its real tokens."""
-  ids = jnp.arange(first_row, first_row + rows, dtype=jnp.uint32)
-  out = _sample_jit(graphdef, state, row_keys(jax.random.key(seed), ids), length, sampling,
-                    bos_id, tuple(eos_ids))
-  tokens, segment = np.asarray(out['tokens']), np.asarray(out['segment_ids'])
-  return [row[:int(n)] for row, n in zip(tokens, segment.sum(axis=1))]
+  """Rows first_row .. first_row + rows - 1 of seed's stream on the default device."""
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  gen = Generator(graphdef, mesh, sharding.replicated(mesh), batch=rows, length=length,
+                  sampling=sampling, bos_id=bos_id, eos_ids=tuple(eos_ids))
+  return gen(state, seed=seed, first_row=first_row, rows=rows)

@@ -156,8 +156,13 @@ def process_rows(sharding: NamedSharding, shape: tuple[int, ...]) -> slice:
   return slice(min(r[0] for r in rows), max(r[1] for r in rows))
 
 
+def batch_devices(mesh) -> int:
+  """How many ways the batch axes split the rows of a batch."""
+  return _axes_size(mesh, BATCH_AXES)
+
+
 def check_batch(batch_size: int, mesh, what: str = 'train.batch_size') -> None:
-  n = _axes_size(mesh, BATCH_AXES)
+  n = batch_devices(mesh)
   if batch_size % n:
     raise UsageError(f'{what}={batch_size} is not divisible by data x fsdp = {n} devices: '
                      'change the batch size or the mesh.')

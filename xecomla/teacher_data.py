@@ -15,8 +15,10 @@ done.json holds how many are complete and the throughput measured while generati
 tokens per second, compilation excluded).
 
 The teacher is named in the key by its source (teacher.path or distill.teacher_path as resolved:
-a llama2.c file, a directory, a Hub snapshot) and the size and modification time of each file (hashing gigabytes of weights per run would cost more than it protects against). Process 0
-generates and writes; the others wait for done.json and read it.
+a llama2.c file, a directory, a Hub snapshot) and the size and modification time of each file
+(hashing gigabytes of weights per run would cost more than it protects against). The stories are
+drawn on the stage's mesh, the teacher in the trainer's shardings and the rows over the batch
+axes, by every process together; process 0 writes the parts and done.json, then all read them.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import time
 import numpy as np
 from etils import epath
 
-from xecomla import console, distributed, fileio, rollout
+from xecomla import console, distributed, fileio, rollout, sharding
 from xecomla.cli import UsageError
 from xecomla.generate import Sampling
 from xecomla.models import transformer
@@ -107,9 +109,9 @@ def _read_part(path: epath.Path) -> list[np.ndarray]:
     return np.split(z['tokens'], np.cumsum(z['lengths'])[:-1])
 
 
-def _rows(path: epath.Path) -> int:
+def _lengths(path: epath.Path) -> np.ndarray:
   with np.load(io.BytesIO(path.read_bytes())) as z:
-    return len(z['lengths'])
+    return z['lengths']
 
 
 def read_cache(directory: str, n: int) -> list[np.ndarray]:
@@ -119,34 +121,45 @@ def read_cache(directory: str, n: int) -> list[np.ndarray]:
   return docs[:n]
 
 
-def generate(directory: str, s: dict, n: int, llama, params, batch: int) -> dict:
-  """Writes the parts of `directory` that the first n stories need and are missing (or shorter:
-  the last part of a smaller count), then done.json; returns its stats. Parts already written keep
-  the batch they were written with (settings.json records it)."""
+def missing(directory: str, n: int, batch: int) -> list[int]:
+  """The parts the first n stories need that are absent or shorter (the last of a smaller count)."""
+  return [i for i in range(-(-n // batch))
+          if not (_part(directory, i).exists()
+                  and len(_lengths(_part(directory, i))) >= min(batch, n - i * batch))]
+
+
+def batch_of(directory: str, batch: int) -> int:
+  """The batch the cache's parts were written with (settings.json), else `batch`."""
   recorded = epath.Path(directory, 'settings.json')
-  if recorded.exists():
-    batch = int(fileio.read_json(recorded).get('batch', batch))
-  fileio.atomic_write_json(recorded, {**s, 'batch': batch})
-  graphdef = transformer.graphdef(llama)
-  sampling = Sampling(temperature=s['temperature'], top_p=s['top_p'], top_k=s['top_k'])
-  n_parts = -(-n // batch)
-  timed_s, timed_rows, timed_tokens, compiled = 0.0, 0, 0, False
-  for i in range(n_parts):
-    path = _part(directory, i)
+  return int(fileio.read_json(recorded).get('batch', batch)) if recorded.exists() else batch
+
+
+def generate(directory: str, s: dict, n: int, llama, params, batch: int, mesh,
+             todo: list[int]) -> dict:
+  """Draws parts `todo` of `directory` on `mesh` (every process calls this; process 0 writes
+  each part and done.json); returns the stats. `batch` is the cache's (batch_of)."""
+  if distributed.is_writer():
+    fileio.atomic_write_json(epath.Path(directory, 'settings.json'), {**s, 'batch': batch})
+  shardings = sharding.tree_shardings(transformer.abstract_params(llama),
+                                      transformer.param_axes(llama), mesh)
+  params = sharding.put(params, shardings)
+  gen = rollout.Generator(transformer.graphdef(llama), mesh, shardings, batch=batch,
+                          length=s['max_len'], bos_id=llama.bos_id, eos_ids=tuple(llama.eos_ids),
+                          sampling=Sampling(temperature=s['temperature'], top_p=s['top_p'],
+                                            top_k=s['top_k']))
+  timed_s, timed_rows, timed_tokens = 0.0, 0, 0
+  for j, i in enumerate(todo):
     rows = min(batch, n - i * batch)
-    if path.exists() and _rows(path) >= rows:
-      continue
     t0 = time.perf_counter()
-    docs = rollout.documents(graphdef, params, seed=s['seed'], first_row=i * batch, rows=rows,
-                             length=s['max_len'], sampling=sampling, bos_id=llama.bos_id,
-                             eos_ids=tuple(llama.eos_ids))
+    docs = gen(params, seed=s['seed'], first_row=i * batch, rows=rows)
     dt = time.perf_counter() - t0
-    if compiled and rows == batch:  # the first call of a shape compiles: not timed
+    if j:  # the first call compiles: not timed
       timed_s, timed_rows, timed_tokens = timed_s + dt, timed_rows + rows, timed_tokens + sum(map(len, docs))
-    compiled = compiled or rows == batch
-    _write_part(path, docs)
-    console.status(f'teacher data: {min((i + 1) * batch, n)}/{n} stories', i + 1 == n_parts)
-  stats = {'stories': n, 'batch': batch,
+    if distributed.is_writer():
+      _write_part(_part(directory, i), docs)
+    console.status(f'teacher data: part {j + 1}/{len(todo)} ({min((i + 1) * batch, n)}/{n} '
+                   'stories)', j + 1 == len(todo))
+  stats = {'stories': n, 'batch': batch, 'devices': int(mesh.devices.size),
            'stories_per_s': timed_rows / timed_s if timed_s else None,
            'tokens_per_s': timed_tokens / timed_s if timed_s else None,
            'decoded_positions_per_s': timed_rows * (s['max_len'] - 1) / timed_s if timed_s else None,
@@ -154,25 +167,33 @@ def generate(directory: str, s: dict, n: int, llama, params, batch: int) -> dict
   done = epath.Path(directory, 'done.json')
   if done.exists() and timed_s == 0.0:  # nothing timed here: keep the throughput measured before
     stats = {**fileio.read_json(done), 'stories': n}
-  fileio.atomic_write_json(done, stats)
+  if distributed.is_writer():
+    stats['tokens'] = int(sum(_lengths(_part(directory, i))[:min(batch, n - i * batch)].sum()
+                              for i in range(-(-n // batch))))
+    fileio.atomic_write_json(done, stats)
   return stats
 
 
-def stories(config, workdir: str, source: str, teacher_dir: str) -> tuple[list[np.ndarray], dict]:
+def stories(config, workdir: str, source: str, teacher_dir: str,
+            mesh) -> tuple[list[np.ndarray], dict]:
   """The teacher's first data.teacher_stories stories (token ids, BOS first) for this config,
-  generated once by the model in `teacher_dir` (converted from `source`, which names it in the
-  key); a cache holding fewer is extended."""
+  generated once on `mesh` by the model in `teacher_dir` (converted from `source`, which names it
+  in the key); a cache holding fewer is extended. Every process takes part."""
   from xecomla.convert import hf, hf_config  # the length is read without loading the weights
   s = settings(config, source, hf_config.read_llama_config(teacher_dir).max_seq_len)
   n = int(config.data.teacher_stories)
   directory = cache_dir(config, workdir, s)
+  batch = batch_of(directory, int(config.data.teacher_batch))
+  todo = missing(directory, n, batch)
+  distributed.barrier('xecomla_teacher_data_seen')  # nobody writes before everyone has looked
   done = epath.Path(directory, 'done.json')
-  if distributed.is_writer() and not (done.exists() and fileio.read_json(done)['stories'] >= n):
-    epath.Path(directory).mkdir(parents=True, exist_ok=True)
+  if todo or not (done.exists() and fileio.read_json(done)['stories'] >= n):
+    if distributed.is_writer():
+      epath.Path(directory).mkdir(parents=True, exist_ok=True)
     llama, params = hf.load_llama(teacher_dir)
-    stats = generate(directory, s, n, llama, params, int(config.data.teacher_batch))
-    console.say('teacher data: %d stories in %s (%.0f tokens/s)', n, directory,
-                stats['tokens_per_s'] or 0.0)
+    stats = generate(directory, s, n, llama, params, batch, mesh, todo)
+    console.say('teacher data: %d stories in %s (%.0f tokens/s on %d devices)', n, directory,
+                stats['tokens_per_s'] or 0.0, mesh.devices.size)
   distributed.barrier('xecomla_teacher_data')
   stats = fileio.read_json(done)
   docs = read_cache(directory, n)
@@ -180,14 +201,15 @@ def stories(config, workdir: str, source: str, teacher_dir: str) -> tuple[list[n
                 'mean_tokens': float(np.mean([len(d) for d in docs]))}
 
 
-def for_config(config, workdir: str, kd_dir: str) -> list[np.ndarray] | None:
-  """The stories a distill/align stage trains on (None when data.teacher_stories is 0)."""
+def for_config(config, workdir: str, kd_dir: str, mesh) -> list[np.ndarray] | None:
+  """The stories a distill/align stage trains on (None when data.teacher_stories is 0), drawn
+  on the stage's mesh when the cache lacks them."""
   if not config.data.teacher_stories:
     return None
   from xecomla import hub
   field = 'distill.teacher_path' if config.distill.teacher_path else 'teacher.path'
   source = hub.resolve(config.distill.teacher_path or config.teacher.path, field)
-  docs, stats = stories(config, workdir, source, kd_dir)
+  docs, stats = stories(config, workdir, source, kd_dir, mesh)
   console.say('teacher data: %d stories, %.0f tokens each on average (%s)', len(docs),
               stats['mean_tokens'], stats['directory'])
   return docs

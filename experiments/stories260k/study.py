@@ -149,10 +149,12 @@ def teacher_data_stats() -> list[dict]:
   for key in sorted(os.listdir(root)) if os.path.isdir(root) else []:
     done = os.path.join(root, key, 'done.json')
     if os.path.exists(done):
-      from xecomla import teacher_data
       stats = json.load(open(done))
-      lengths = [len(d) for d in teacher_data.read_cache(os.path.join(root, key), stats['stories'])]
-      out.append({**stats, 'mean_tokens': sum(lengths) / len(lengths)})
+      if 'tokens' not in stats:  # a cache from before done.json counted them
+        from xecomla import teacher_data
+        stats['tokens'] = sum(map(len, teacher_data.read_cache(os.path.join(root, key),
+                                                               stats['stories'])))
+      out.append({**stats, 'mean_tokens': stats['tokens'] / stats['stories']})
   return out
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from xecomla import data, data_checks, sharding, teacher_data, workdir as wd
+from xecomla import data, teacher_data, workdir as wd
 from xecomla.cli import UsageError
 from xecomla.convert import hf
 from xecomla.models import transformer
@@ -29,30 +29,13 @@ from xecomla.train import loop, loss_fns, steps
 
 
 def validate(config, workdir: str | None, teacher, stages: list[str]) -> None:
-  a, t = config.align, config.train
+  a = config.align
   if a.steps < 1:
     raise UsageError(f'align.steps={a.steps} must be at least 1: raise it, or leave align out of '
                      'config.stages.')
   if a.lr <= 0:
     raise UsageError(f'align.lr={a.lr} must be positive: raise it (e.g. 1e-3).')
-  if workdir and 'init' not in stages and not wd.has_checkpoint(workdir, 'init'):
-    raise UsageError(f'no student in {wd.stage_dir(workdir, "init")}: run the init stage first '
-                     '(config.stages=init,align,distill,...).')
-  if t.batch_size % t.accum:
-    raise UsageError(f'train.batch_size={t.batch_size} is not divisible by train.accum={t.accum}: '
-                     'change one of them.')
-  sharding.check_batch(t.batch_size // t.accum, distill.mesh_of(config),
-                       'train.batch_size / train.accum')
-  kd = teacher
-  if config.distill.teacher_path:  # the stories come from the KD teacher
-    kd = wd.check_teacher(config.distill.teacher_path, '', workdir, 'kd_teacher_hf',
-                          'distill.teacher_path')
-  teacher_data.check(config, kd.max_seq_len)
-  if not (config.data.teacher_stories and config.data.teacher_fraction == 1.0):
-    if config.data.format == 'chat':
-      data_checks.check_chat(config.data.train_path)
-    else:
-      data_checks.check_text(config.data.train_path, 'data.train_path')
+  distill.check_training(config, workdir, teacher, stages, 'init,align,distill,...')
 
 
 def run(config, workdir: str) -> dict[str, Any]:
@@ -71,7 +54,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   trainer = steps.make_trainer(loss_fn, tx, model_config=student_cfg, frozen_config=teacher_cfg,
                                mesh=mesh, accum=t.accum, trainable='attention',
                                frozen_dtype=wd.frozen_dtype(config))
-  docs = teacher_data.for_config(config, workdir, distill.kd_teacher_dir(config, workdir))
+  docs = teacher_data.for_config(config, workdir, distill.kd_teacher_dir(config, workdir), mesh)
   dataset = data.train_dataset(config, Tokenizer(source_dir), student_cfg.llama.bos_id, docs)
   spec = loop.LoopSpec(steps=a.steps, log_every=t.log_every, ckpt_every=t.ckpt_every, keep=t.keep,
                        tokens_per_step=t.batch_size * t.seq_len, max_nonfinite=t.max_nonfinite)

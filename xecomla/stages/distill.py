@@ -58,16 +58,39 @@ def tokenizer_dir(path: str, workdir: str | None, name: str) -> str | None:
   return wd.converted_dir(path, workdir, name) if workdir else (path if epath.Path(path).is_dir() else None)
 
 
+def check_training(config, workdir: str | None, teacher, stages: list[str], chain: str):
+  """What align and distill both refuse: no student to start from, a batch the mesh cannot
+  split, teacher-story settings, the training data. Returns the KD teacher's LlamaConfig."""
+  if workdir and 'init' not in stages and not wd.has_checkpoint(workdir, 'init'):
+    raise UsageError(f'no student in {wd.stage_dir(workdir, "init")}: run the init stage first '
+                     f'(config.stages={chain}).')
+  t = config.train
+  if t.batch_size % t.accum:
+    raise UsageError(f'train.batch_size={t.batch_size} is not divisible by train.accum={t.accum}: '
+                     'change one of them.')
+  sharding.check_batch(t.batch_size // t.accum, mesh_of(config), 'train.batch_size / train.accum')
+  kd = teacher
+  if config.distill.teacher_path:  # the KD teacher, which also draws the teacher stories
+    kd = wd.check_teacher(config.distill.teacher_path, '', workdir, 'kd_teacher_hf',
+                          'distill.teacher_path')
+  teacher_data.check(config, kd.max_seq_len)
+  if config.data.teacher_stories and config.data.teacher_fraction == 1.0:
+    return kd  # no text is read
+  if config.data.format == 'text':
+    data_checks.check_text(config.data.train_path, 'data.train_path')
+  elif config.data.format == 'chat':
+    data_checks.check_chat(config.data.train_path)
+  else:
+    raise UsageError(f"data.format={config.data.format!r} is not known: use 'text' or 'chat'.")
+  return kd
+
+
 def validate(config, workdir: str | None, teacher, stages: list[str]) -> None:
   """Everything distill would refuse, from cheap facts: the student's source, the KD teacher's
   vocabulary and shape, the batch against the mesh, the training data."""
-  if workdir and 'init' not in stages and not wd.has_checkpoint(workdir, 'init'):
-    raise UsageError(f'no student in {wd.stage_dir(workdir, "init")}: run the init stage first '
-                     '(config.stages=init,distill,...).')
-  d, t = config.distill, config.train
-  kd = teacher
+  kd = check_training(config, workdir, teacher, stages, 'init,distill,...')
+  d = config.distill
   if d.teacher_path:
-    kd = wd.check_teacher(d.teacher_path, '', workdir, 'kd_teacher_hf', 'distill.teacher_path')
     paths = (hub.resolve(config.teacher.path, 'teacher.path'),  # Hub ids -> their snapshots
              hub.resolve(d.teacher_path, 'distill.teacher_path'))
     dirs = [tokenizer_dir(paths[0], workdir, 'teacher_hf'),
@@ -78,23 +101,10 @@ def validate(config, workdir: str | None, teacher, stages: list[str]) -> None:
     raise UsageError('distill.hidden_weight > 0 needs a teacher of the student\'s depth and width '
                      f'({teacher.n_layers} layers, dim {teacher.dim}; this one has {kd.n_layers}, '
                      f'{kd.dim}): set it to 0 for this teacher.')
-  if t.batch_size % t.accum:
-    raise UsageError(f'train.batch_size={t.batch_size} is not divisible by train.accum={t.accum}: '
-                     'change one of them.')
   if d.loss_chunk < 0:
     raise UsageError(f'distill.loss_chunk={d.loss_chunk} is negative: use 0 (whole rows) or a '
                      'number of positions such as 512.')
-  sharding.check_batch(t.batch_size // t.accum, mesh_of(config), 'train.batch_size / train.accum')
   check_policy(config)
-  teacher_data.check(config, kd.max_seq_len)
-  if config.data.teacher_stories and config.data.teacher_fraction == 1.0:
-    return  # no text is read
-  if config.data.format == 'text':
-    data_checks.check_text(config.data.train_path, 'data.train_path')
-  elif config.data.format == 'chat':
-    data_checks.check_chat(config.data.train_path)
-  else:
-    raise UsageError(f"data.format={config.data.format!r} is not known: use 'text' or 'chat'.")
 
 
 def check_policy(config) -> int:
@@ -173,7 +183,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   llama = student_cfg.llama
   rows = check_policy(config)
   dataset = data.train_dataset(config, tokenizer, llama.bos_id,
-                               teacher_data.for_config(config, workdir, kd_dir),
+                               teacher_data.for_config(config, workdir, kd_dir, mesh),
                                batch_size=t.batch_size - rows)
   extend = None
   if rows:
