@@ -124,9 +124,6 @@ def check_policy(config) -> int:
     if d.policy_temperature <= 0 or not 0.0 < d.policy_top_p <= 1.0:
       raise UsageError(f'distill.policy_temperature={d.policy_temperature} and distill.policy_top_p='
                        f'{d.policy_top_p}: the temperature must be positive, top_p in (0, 1].')
-    if t.accum > 1 or d.hidden_weight > 0:
-      raise UsageError('distill.policy_fraction > 0 is implemented without train.accum and '
-                       'hidden-state KD: set train.accum=1 and distill.hidden_weight=0.')
     mesh = mesh_of(config)
     sharding.check_batch(rows, mesh, 'the on-policy rows (distill.policy_fraction x batch)')
     sharding.check_batch(t.batch_size - rows, mesh, 'the data rows (batch - on-policy rows)')
