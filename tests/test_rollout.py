@@ -9,7 +9,7 @@ import pytest
 from xecomla import generate, rollout, sharding
 from xecomla.convert.upcycle import InitOptions, upcycle
 from xecomla.generate import Sampling
-from xecomla.models import transformer
+from xecomla.models import kvcache, transformer
 from xecomla.models.config import LlamaConfig
 
 GQA = LlamaConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
@@ -103,3 +103,19 @@ def test_a_growing_cache_samples_the_rows_a_whole_one_does(model, eos):
   if len(eos) > 1:  # every row stopped in the first two windows: the rest took the skip branch,
     # whose padding must be what decoding would have written
     assert np.asarray(grown['segment_ids'])[:, 16:].sum() == 0
+
+
+@pytest.mark.parametrize('cache_dtype', ['auto', 'int8'])
+def test_grow_keeps_every_slot_and_appends_empty_ones(model, cache_dtype):
+  cfg, _ = model
+  if cache_dtype == 'int8' and cfg is GQA:
+    pytest.skip('quantised caches are MLA only')
+  small = kvcache.init_cache(cfg, 2, 5, cache_dtype)
+  small = jax.tree.map(lambda x: x + 1 if x.ndim else x, small)  # every slot written
+  big = kvcache.grow(small, 9)
+  assert big.length == 9 and int(big.index) == int(small.index)
+  for name, a in big.layers[0].items():
+    axis = 2 if name in ('k', 'v') else 1
+    np.testing.assert_array_equal(np.take(np.asarray(a), range(5), axis), small.layers[0][name])
+    assert not np.take(np.asarray(a), range(5, 9), axis).any()
+  assert not np.asarray(big.segment_ids)[:, 5:].any()  # the new slots are empty
