@@ -7,7 +7,6 @@ shuffle and packing of the data; the SVD start is the same). Names: gap_<lever>_
 
 Levers:
   base        BEST as it is (the reference row of the table)
-  mix         half of the examples from the teacher's stories, half from the 2 MiB file
   teacher     distillation data sampled from the teacher (TEACHER_STORIES stories, temperature 1,
               cached once under runs/.../teacher_data and shared by every run) instead of the
               2 MiB file
@@ -17,6 +16,8 @@ Levers:
   jsd         generalised JSD (beta 0.5) instead of forward KL, on the same data
   hidden      hidden-state KD (per-layer residual MSE, weight HIDDEN_WEIGHT) added to the KL
   attention   only the attention weights train (MLP, norms, embeddings stay the teacher's)
+  align_hidden  the align stage and hidden-state KD together (the two levers that helped alone)
+  teacher_align, mix   teacher stories with the align stage; half teacher stories, half text
   base_9p4, align_9p4   the 9.4% point (r_kv 4 + d_r 2, same pair and key) without and with the
               align stage, the best lever at 15.6%
 
@@ -50,6 +51,8 @@ def levers(cache: str) -> dict[str, tuple[str, dict]]:
                  {'distill.hidden_weight': HIDDEN_WEIGHT}),
       'attention': ('attention weights only', {'train.trainable': 'attention'}),
       'teacher_align': ('teacher data + align stage', {**teacher, 'align.steps': ALIGN_STEPS}),
+      'align_hidden': ('align stage first + hidden-state MSE (the two levers that helped)',
+                       {'align.steps': ALIGN_STEPS, 'distill.hidden_weight': HIDDEN_WEIGHT}),
       'mix': ('half teacher stories, half the 2 MiB text (by examples)',
               {**teacher, 'data.teacher_fraction': 0.5}),
       # learning curves past the recipe: fresh teacher stories for all 4000 steps (4x as many)
