@@ -185,9 +185,10 @@ def stories(config, workdir: str, source: str, teacher_dir: str,
   directory = cache_dir(config, workdir, s)
   batch = batch_of(directory, int(config.data.teacher_batch))
   todo = missing(directory, n, batch)
-  distributed.barrier('xecomla_teacher_data_seen')  # nobody writes before everyone has looked
   done = epath.Path(directory, 'done.json')
-  if todo or not (done.exists() and fileio.read_json(done)['stories'] >= n):
+  needed = bool(todo) or not (done.exists() and fileio.read_json(done)['stories'] >= n)
+  distributed.barrier('xecomla_teacher_data_seen')  # nobody writes before everyone has looked
+  if needed:
     if distributed.is_writer():
       epath.Path(directory).mkdir(parents=True, exist_ok=True)
     llama, params = hf.load_llama(teacher_dir)
