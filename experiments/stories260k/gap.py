@@ -68,8 +68,9 @@ def levers(cache: str) -> dict[str, tuple[str, dict]]:
 
 ORDER = [('align', 1000, 0), ('base', 1000, 1), ('align', 1000, 1), ('teacher', 1000, 0),
          ('teacher', 1000, 1), ('onpolicy', 1000, 0), ('align_9p4', 1000, 0),
-         ('teacher_align', 1000, 0), ('base_9p4', 1000, 0), ('hidden', 1000, 0),
-         ('attention', 1000, 0), ('jsd', 1000, 0)]
+         ('hidden', 1000, 0), ('attention', 1000, 0), ('jsd', 1000, 0), ('hidden', 1000, 1),
+         ('align_hidden', 1000, 0), ('align_hidden', 1000, 1), ('align', 2000, 0),
+         ('base_9p4', 1000, 0), ('teacher_align', 1000, 0), ('onpolicy', 1000, 1)]
 # base at seed 0 is the goal part's run of the same settings (training does not depend on how
 # often the curve is evaluated): goal_5_low_freq_fit at 1000 steps, goal_long at 2000.
 SAME_RUN = {('base', RECIPE_STEPS, 0): 'goal_5_low_freq_fit', ('base', DOUBLE_STEPS, 0): 'goal_long'}
