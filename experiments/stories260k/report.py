@@ -111,8 +111,11 @@ def simple_table(teacher: dict, runs: list[dict], label, curve: bool = False) ->
   return table(header, rows)
 
 
-def plot_curves(out: str, teacher: dict, curves: dict[str, list[dict]], name: str, title: str) -> str:
-  fig, ax = plt.subplots(figsize=(6, 4))
+def plot_curves(out: str, teacher: dict, curves: dict[str, list[dict]], name: str, title: str,
+                ylim: tuple[float, float] | None = None) -> str:
+  """Held-out NLL against step; many curves get the legend beside the axes, not over them."""
+  wide = len(curves) > 5
+  fig, ax = plt.subplots(figsize=(11, 4.5) if wide else (6, 4))
   for label, points in curves.items():
     pts = [(p['step'], p['eval_nll']) for p in points if 'eval_nll' in p]
     if pts:
@@ -122,7 +125,12 @@ def plot_curves(out: str, teacher: dict, curves: dict[str, list[dict]], name: st
   ax.set_xlabel('distillation step')
   ax.set_ylabel('held-out NLL (first 200 stories)')
   ax.set_title(title)
-  ax.legend()
+  if ylim:
+    ax.set_ylim(*ylim)
+  if wide:
+    ax.legend(loc='center left', bbox_to_anchor=(1.02, 0.5), fontsize=8)
+  else:
+    ax.legend()
   fig.tight_layout()
   path = os.path.join(out, name)
   fig.savefig(path, dpi=120)
@@ -218,7 +226,7 @@ def write(out: str, teacher: dict, runs: dict[str, dict], wall_s: float,
   gap_curves = gap_report.curves(runs)
   if len(gap_curves) > 1:
     plots.append(plot_curves(out, teacher, gap_curves, 'curves_gap.png',
-                             'Levers at 15.6% KV (seed 0)'))
+                             'Levers at 15.6% KV (seed 0)', ylim=(1.2, 2.4)))
   if parts['grid']:
     plots.append(plot_grid(out, teacher, runs))
   curves = {r['init']: r['curve'] for r in parts['recipe']}
