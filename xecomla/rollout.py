@@ -87,7 +87,7 @@ class Generator:
 
   def __init__(self, graphdef, mesh, param_shardings, *, batch: int, length: int,
                sampling: Sampling, bos_id: int, eos_ids: tuple[int, ...]):
-    self.mesh, self.length = mesh, length
+    self.mesh = mesh
     devices = sharding.batch_devices(mesh)
     self.batch = -(-batch // devices) * devices
     self.row_sharding = sharding.batch_sharding(mesh)

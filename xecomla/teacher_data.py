@@ -121,11 +121,16 @@ def read_cache(directory: str, n: int) -> list[np.ndarray]:
   return docs[:n]
 
 
-def missing(directory: str, n: int, batch: int) -> list[int]:
-  """The parts the first n stories need that are absent or shorter (the last of a smaller count)."""
-  return [i for i in range(-(-n // batch))
-          if not (_part(directory, i).exists()
-                  and len(_lengths(_part(directory, i))) >= min(batch, n - i * batch))]
+def missing(directory: str, n: int, batch: int, have: int = 0) -> list[int]:
+  """The parts the first n stories need that are absent or shorter (the last of a smaller count).
+  `have`: the count done.json records; a part holds at least its share of those, so only the parts
+  it cannot vouch for (written since, or the short last one) are opened to count their rows."""
+  out = []
+  for i in range(-(-n // batch)):
+    path, need = _part(directory, i), min(batch, n - i * batch)
+    if not path.exists() or (min(batch, have - i * batch) < need and len(_lengths(path)) < need):
+      out.append(i)
+  return out
 
 
 def batch_of(directory: str, batch: int) -> int:
@@ -184,9 +189,10 @@ def stories(config, workdir: str, source: str, teacher_dir: str,
   n = int(config.data.teacher_stories)
   directory = cache_dir(config, workdir, s)
   batch = batch_of(directory, int(config.data.teacher_batch))
-  todo = missing(directory, n, batch)
   done = epath.Path(directory, 'done.json')
-  needed = bool(todo) or not (done.exists() and fileio.read_json(done)['stories'] >= n)
+  have = int(fileio.read_json(done)['stories']) if done.exists() else 0
+  todo = missing(directory, n, batch, have)
+  needed = bool(todo) or have < n
   distributed.barrier('xecomla_teacher_data_seen')  # nobody writes before everyone has looked
   if needed:
     if distributed.is_writer():
