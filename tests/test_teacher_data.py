@@ -2,6 +2,7 @@
 by its settings, reused by a rerun, resumed part by part, and mixed with text at a ratio."""
 
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -94,6 +95,23 @@ def test_stories_do_not_depend_on_the_batch_but_on_the_settings(teacher, tmp_pat
     changed, s = stories(config(tmp_path, **change), teacher, tmp_path)
     assert s['directory'] != stats['directory']
     assert not all(np.array_equal(a, b) for a, b in zip(docs, changed))
+
+
+def test_a_recopied_teacher_keeps_its_cache_and_a_changed_one_does_not(teacher, tmp_path):
+  """Small files are named by their bytes: a new mtime (a fresh copy) keeps the key, one changed
+  byte of the config gives a new one."""
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(teacher, copy)
+  c = config(tmp_path)
+  key_of = lambda: teacher_data.cache_dir(c, '', teacher_data.settings(c, copy, 16))
+  key = key_of()
+  for name in os.listdir(copy):
+    os.utime(os.path.join(copy, name), (1.0, 1.0))
+  again = key_of()
+  with open(os.path.join(copy, 'config.json'), 'a') as f:
+    f.write(' ')
+  changed = key_of()
+  assert key == again and changed != key
 
 
 def test_drawn_on_a_mesh_of_eight_devices_as_on_one(teacher, tmp_path):

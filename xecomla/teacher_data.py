@@ -15,8 +15,10 @@ done.json holds how many are complete and the throughput measured while generati
 tokens per second, compilation excluded).
 
 The teacher is named in the key by its source (teacher.path or distill.teacher_path as resolved:
-a llama2.c file, a directory, a Hub snapshot) and the size and modification time of each file
-(hashing gigabytes of weights per run would cost more than it protects against). The stories are
+a llama2.c file, a directory, a Hub snapshot) and each file's size and a hash of its bytes when
+it is at most HASH_BYTES (so a re-copied or re-downloaded small teacher keeps its cache), or its
+modification time when larger (hashing gigabytes of weights per run would cost more than it
+protects against). The stories are
 drawn on the stage's mesh, the teacher in the trainer's shardings and the rows over the batch
 axes, by every process together; process 0 writes the parts and done.json, then all read them.
 """
@@ -38,13 +40,25 @@ from xecomla.generate import Sampling
 from xecomla.models import transformer
 
 VERSION = 1  # of the sampling procedure: bump when rollout's draws change
+HASH_BYTES = 64 << 20  # files up to this size are named by their bytes, larger ones by mtime
+
+
+def _fingerprint(p: epath.Path, size: int) -> str:
+  if size > HASH_BYTES:
+    return f'mtime:{int(p.stat().mtime)}'
+  h = hashlib.sha256()
+  with p.open('rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      h.update(block)
+  return f'sha256:{h.hexdigest()[:16]}'
 
 
 def identity(source: str) -> list:
-  """(name, size, mtime) of the teacher's source file, or of each file of its directory."""
+  """(name, size, fingerprint) of the teacher's source file, or of each file of its directory."""
   path = epath.Path(source)
   files = [p for p in path.iterdir() if p.is_file()] if path.is_dir() else [path]
-  return sorted((p.name, int(p.stat().length), int(p.stat().mtime)) for p in files)
+  sizes = [int(p.stat().length) for p in files]
+  return sorted((p.name, n, _fingerprint(p, n)) for p, n in zip(files, sizes))
 
 
 def settings(config, source: str, max_seq_len: int) -> dict:
