@@ -17,6 +17,8 @@ Levers:
   hidden      hidden-state KD (per-layer residual MSE, weight HIDDEN_WEIGHT) added to the KL
   attention   only the attention weights train (MLP, norms, embeddings stay the teacher's)
   align_hidden  the align stage and hidden-state KD together (the two levers that helped alone)
+  teacher_fresh  teacher stories seen once however long the run (TEACHER_STORIES per 1000 steps;
+              the first N of the shared cache), against base's 2 MiB file seen again and again
   teacher_align, mix   teacher stories with the align stage; half teacher stories, half text
   base_9p4, align_9p4   the 9.4% point (r_kv 4 + d_r 2, same pair and key) without and with the
               align stage, the best lever at 15.6%
@@ -55,10 +57,10 @@ def levers(cache: str) -> dict[str, tuple[str, dict]]:
                        {'align.steps': ALIGN_STEPS, 'distill.hidden_weight': HIDDEN_WEIGHT}),
       'mix': ('half teacher stories, half the 2 MiB text (by examples)',
               {**teacher, 'data.teacher_fraction': 0.5}),
-      # learning curves past the recipe: fresh teacher stories for all 4000 steps (4x as many)
-      # against the 2 MiB file seen 16 times
-      'teacher_fresh': (f'teacher-generated data ({4 * TEACHER_STORIES} stories: fresh for '
-                        f'{LONG_STEPS} steps)', {**teacher, 'data.teacher_stories': 4 * TEACHER_STORIES}),
+      # learning curves past the recipe: fresh teacher stories at every step (12,288 per 1000
+      # steps, set by spec) against the 2 MiB file seen 8 times at 2000 steps, 16 at 4000
+      'teacher_fresh': (f'teacher-generated data, fresh throughout ({TEACHER_STORIES:,} stories '
+                        f'per {RECIPE_STEPS} steps)', teacher),
       # the 9.4% point (r_kv 4 + d_r 2) with the best lever of the 15.6% rows, and without it
       'base_9p4': ('at 9.4% KV (r_kv 4 + d_r 2)', {'mla.r_kv': 4}),
       'align_9p4': ('at 9.4% KV (r_kv 4 + d_r 2), align stage first',
@@ -70,7 +72,8 @@ ORDER = [('align', 1000, 0), ('base', 1000, 1), ('align', 1000, 1), ('teacher', 
          ('teacher', 1000, 1), ('onpolicy', 1000, 0), ('align_9p4', 1000, 0),
          ('hidden', 1000, 0), ('attention', 1000, 0), ('jsd', 1000, 0), ('hidden', 1000, 1),
          ('align_hidden', 1000, 0), ('align_hidden', 1000, 1), ('align', 2000, 0),
-         ('base_9p4', 1000, 0), ('teacher_align', 1000, 0), ('onpolicy', 1000, 1)]
+         ('base_9p4', 1000, 0), ('teacher_align', 1000, 0), ('onpolicy', 1000, 1),
+         ('teacher_fresh', 2000, 0)]
 # base at seed 0 is the goal part's run of the same settings (training does not depend on how
 # often the curve is evaluated): goal_5_low_freq_fit at 1000 steps, goal_long at 2000.
 SAME_RUN = {('base', RECIPE_STEPS, 0): 'goal_5_low_freq_fit', ('base', DOUBLE_STEPS, 0): 'goal_long'}
@@ -82,13 +85,16 @@ def name(lever: str, steps: int, seed: int) -> str:
 
 def spec(best: dict, cache: str, lever: str, steps: int, seed: int) -> dict:
   label, over = levers(cache)[lever]
+  if lever == 'teacher_fresh':  # one pass over the stories whatever the budget
+    over = {**over, 'data.teacher_stories': TEACHER_STORIES * steps // RECIPE_STEPS}
   return {'name': name(lever, steps, seed), 'part': 'gap', 'lever': lever, 'label': label,
           'seed': seed, 'steps': steps, 'align': 'align.steps' in over,
           'over': {**best, 'train.eval_every': 100, 'train.eval_docs': 200, 'eval.story_mc': 0,
                    'seed': seed, **over}}
 
 
-# 4000 steps: the learning curves on fresh and on repeated data (one seed)
+# 4000 steps: the learning curves on fresh and on repeated data (one seed; at 1000 steps
+# teacher_fresh is the teacher lever, and 2000 is in ORDER)
 LONG = [('base', LONG_STEPS, 0), ('teacher_fresh', LONG_STEPS, 0)]
 
 
