@@ -44,6 +44,13 @@ def test_kv_fractions_are_what_the_tables_say():
       assert values == want, s['name']                           # 10 / 64 = 15.6%
 
 
+def test_the_demo_defaults_do_not_leak_into_the_study():
+  """The demo distils with hidden-state KD; study runs do only where their lever says so."""
+  for s in SPECS:
+    hidden = study.config_for(s['over']).distill.hidden_weight
+    assert hidden == (gap.HIDDEN_WEIGHT if 'hidden' in s.get('lever', '') else 0.0), s['name']
+
+
 def test_every_run_passes_the_pipelines_validation():
   require_shared_data()
   for s in SPECS:

@@ -55,7 +55,7 @@ def set_dotted(c, key: str, value) -> None:
 BASE = {'mla.init': 'svd', 'mla.r_kv': 8, 'mla.d_r': 2, 'mla.d_qk': 6, 'mla.r_q': None,
         'mla.rope_dims': 'paper', 'mla.rope_key': 'mean', 'mla.latent_norm': False,
         'train.lr': 3e-3, 'train.batch_size': 16, 'train.seq_len': 256,
-        'distill.kl_weight': 1.0, 'distill.ce_weight': 0.0}
+        'distill.kl_weight': 1.0, 'distill.ce_weight': 0.0, 'distill.hidden_weight': 0.0}
 
 
 def config_for(over: dict):
