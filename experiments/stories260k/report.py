@@ -245,4 +245,4 @@ def write(out: str, teacher: dict, runs: dict[str, dict], wall_s: float,
   with open(os.path.join(out, 'tables.md'), 'w') as f:
     f.write('\n'.join(md))
   with open(os.path.join(out, 'results.json'), 'w') as f:
-    json.dump({'teacher': teacher, 'runs': runs}, f, indent=1)
+    json.dump({'teacher': teacher, 'runs': runs, 'teacher_data': list(teacher_data)}, f, indent=1)

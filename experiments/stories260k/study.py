@@ -143,9 +143,12 @@ def teacher_row() -> dict:
 
 
 def teacher_data_stats() -> list[dict]:
-  """done.json of every finished teacher-story cache of the gap part (throughput, counts)."""
+  """done.json of every finished teacher-story cache of the gap part (throughput, counts); a
+  cache no longer on this machine keeps the entry the last report saved (results.json)."""
   root = plan.TEACHER_CACHE
-  out = []
+  path = os.path.join(_OUT.value, 'results.json')
+  saved = json.load(open(path)).get('teacher_data', []) if os.path.exists(path) else []
+  out = {s['key']: s for s in saved if 'key' in s}
   for key in sorted(os.listdir(root)) if os.path.isdir(root) else []:
     done = os.path.join(root, key, 'done.json')
     if os.path.exists(done):
@@ -154,8 +157,8 @@ def teacher_data_stats() -> list[dict]:
         from xecomla import teacher_data
         stats['tokens'] = sum(map(len, teacher_data.read_cache(os.path.join(root, key),
                                                                stats['stories'])))
-      out.append({**stats, 'mean_tokens': stats['tokens'] / stats['stories']})
-  return out
+      out[key] = {**stats, 'key': key, 'mean_tokens': stats['tokens'] / stats['stories']}
+  return [out[k] for k in sorted(out)]
 
 
 def saved_runs() -> dict:
