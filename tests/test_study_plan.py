@@ -1,6 +1,7 @@
 """The stories260K study's plan: every run it would make is a valid configuration of the product,
 with the KV cache its tables claim. (Running the study itself takes hours: see its README.)"""
 
+import json
 import zlib
 
 import pytest
@@ -74,3 +75,16 @@ def test_gap_table_averages_seeds_and_lists_what_is_not_run():
   assert rows[1].split(' | ')[1:5] == ['1000 (4.1M)', '1', '1.6500', '+10.0%']
   assert gap.name('teacher', 1000, 1) in md.split('Not run yet')[1]
   assert gap.name('base', 1000, 1) not in md.split('Not run yet')[1]
+
+
+def test_teacher_story_stats_outlive_their_cache(tmp_path):
+  """A report keeps the throughput of a cache that is gone (results.json) beside those on disk."""
+  out, root = tmp_path / 'out', tmp_path / 'cache'
+  (root / 'k2').mkdir(parents=True)
+  out.mkdir()
+  gone = {'key': 'k1', 'stories': 4, 'stories_per_s': 2.0}
+  (out / 'results.json').write_text(json.dumps({'teacher_data': [gone]}))
+  (root / 'k2' / 'done.json').write_text(json.dumps({'stories': 2, 'tokens': 10}))
+  (root / 'k3').mkdir()  # unfinished: no done.json
+  stats = study.teacher_data_stats(str(root), str(out))
+  assert stats == [gone, {'stories': 2, 'tokens': 10, 'key': 'k2', 'mean_tokens': 5.0}]

@@ -142,11 +142,10 @@ def teacher_row() -> dict:
   return r
 
 
-def teacher_data_stats() -> list[dict]:
-  """done.json of every finished teacher-story cache of the gap part (throughput, counts); a
-  cache no longer on this machine keeps the entry the last report saved (results.json)."""
-  root = plan.TEACHER_CACHE
-  path = os.path.join(_OUT.value, 'results.json')
+def teacher_data_stats(root: str, out_dir: str) -> list[dict]:
+  """done.json of every finished teacher-story cache under root (throughput, counts); a cache
+  no longer on this machine keeps the entry the last report saved (out_dir/results.json)."""
+  path = os.path.join(out_dir, 'results.json')
   saved = json.load(open(path)).get('teacher_data', []) if os.path.exists(path) else []
   out = {s['key']: s for s in saved if 'key' in s}
   for key in sorted(os.listdir(root)) if os.path.isdir(root) else []:
@@ -203,7 +202,7 @@ def main(argv):
   teacher = (json.load(open(teacher_path)) if os.path.exists(teacher_path) else
              json.load(open(os.path.join(_OUT.value, 'results.json')))['teacher'])
   report.write(_OUT.value, teacher, runs, wall_s=time.perf_counter() - t0,
-               teacher_data=teacher_data_stats())
+               teacher_data=teacher_data_stats(plan.TEACHER_CACHE, _OUT.value))
   print(f'results in {_OUT.value}')
 
 
