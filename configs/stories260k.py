@@ -14,8 +14,9 @@ MLA layer fitted to its teacher layer), then 1000 steps of forward-KL distillati
 text plus hidden-state KD (per-layer hidden-state MSE to the teacher's, weight 1: the study's
 align + hidden row, 1.7619 held-out against 1.7778 for align alone, 2 seeds each). Teacher-
 generated data (`--config.data.teacher_stories=N`) does not fit the demo's minutes: generating
-enough stories takes longer than the distillation. Until issue 13 the demo ran `:r_kv=6,d_r=4,rope_dims=high_freq` (the tests' shape). The paper's own
-choice is `:r_kv=8,d_r=2,rope_dims=paper,rope_key=mean`.
+enough stories takes longer than the distillation. Until issue 13 the demo ran
+`:r_kv=6,d_r=4,rope_dims=high_freq` (the tests' shape). The paper's own choice is
+`:r_kv=8,d_r=2,rope_dims=paper,rope_key=mean`.
 """
 
 from configs.common import base_config, data_path, parse_arg

@@ -18,9 +18,9 @@ The teacher is named in the key by its source (teacher.path or distill.teacher_p
 a llama2.c file, a directory, a Hub snapshot) and each file's size and a hash of its bytes when
 it is at most HASH_BYTES (so a re-copied or re-downloaded small teacher keeps its cache), or its
 modification time when larger (hashing gigabytes of weights per run would cost more than it
-protects against). The stories are
-drawn on the stage's mesh, the teacher in the trainer's shardings and the rows over the batch
-axes, by every process together; process 0 writes the parts and done.json, then all read them.
+protects against). The stories are drawn on the stage's mesh, the teacher in the trainer's
+shardings and the rows over the batch axes, by every process together; process 0 writes the
+parts and done.json, then all read them.
 """
 
 from __future__ import annotations
