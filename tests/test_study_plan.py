@@ -78,13 +78,12 @@ def test_gap_table_averages_seeds_and_lists_what_is_not_run():
 
 
 def test_teacher_story_stats_outlive_their_cache(tmp_path):
-  """A report keeps the throughput of a cache that is gone (results.json) beside those on disk."""
-  out, root = tmp_path / 'out', tmp_path / 'cache'
+  """A report keeps the throughput of a cache that is gone (the last report's) beside those on
+  disk."""
+  root = tmp_path / 'cache'
   (root / 'k2').mkdir(parents=True)
-  out.mkdir()
   gone = {'key': 'k1', 'stories': 4, 'stories_per_s': 2.0}
-  (out / 'results.json').write_text(json.dumps({'teacher_data': [gone]}))
   (root / 'k2' / 'done.json').write_text(json.dumps({'stories': 2, 'tokens': 10}))
   (root / 'k3').mkdir()  # unfinished: no done.json
-  stats = study.teacher_data_stats(str(root), str(out))
+  stats = study.teacher_data_stats(str(root), [gone])
   assert stats == [gone, {'stories': 2, 'tokens': 10, 'key': 'k2', 'mean_tokens': 5.0}]

@@ -142,11 +142,9 @@ def teacher_row() -> dict:
   return r
 
 
-def teacher_data_stats(root: str, out_dir: str) -> list[dict]:
+def teacher_data_stats(root: str, saved: list[dict]) -> list[dict]:
   """done.json of every finished teacher-story cache under root (throughput, counts); a cache
-  no longer on this machine keeps the entry the last report saved (out_dir/results.json)."""
-  path = os.path.join(out_dir, 'results.json')
-  saved = json.load(open(path)).get('teacher_data', []) if os.path.exists(path) else []
+  no longer on this machine keeps its entry in `saved` (the last report's)."""
   out = {s['key']: s for s in saved if 'key' in s}
   for key in sorted(os.listdir(root)) if os.path.isdir(root) else []:
     done = os.path.join(root, key, 'done.json')
@@ -160,11 +158,12 @@ def teacher_data_stats(root: str, out_dir: str) -> list[dict]:
   return [out[k] for k in sorted(out)]
 
 
-def saved_runs() -> dict:
-  """The runs of the last report (results.json): a machine holding only some work directories
-  (a part rerun elsewhere) still reports every row; a run found under --runs replaces its entry."""
+def saved_report() -> dict:
+  """The last report (results.json: teacher, runs, teacher_data): a machine holding only some
+  work directories (a part rerun elsewhere) still reports every row; a run found under --runs
+  replaces its entry."""
   path = os.path.join(_OUT.value, 'results.json')
-  return json.load(open(path))['runs'] if os.path.exists(path) else {}
+  return json.load(open(path)) if os.path.exists(path) else {}
 
 
 def main(argv):
@@ -192,17 +191,17 @@ def main(argv):
       sys.exit(2)
     for name in _NAMES.value:
       run_one(chosen[name])
-  runs = saved_runs()
+  saved = saved_report()
+  runs = dict(saved.get('runs', {}))
   if os.path.isdir(_RUNS.value):
     for name in sorted(os.listdir(_RUNS.value)):
       path = os.path.join(_RUNS.value, name, 'study.json')
       if os.path.exists(path):
         runs[name] = json.load(open(path))
   teacher_path = os.path.join(_RUNS.value, 'teacher.json')
-  teacher = (json.load(open(teacher_path)) if os.path.exists(teacher_path) else
-             json.load(open(os.path.join(_OUT.value, 'results.json')))['teacher'])
+  teacher = json.load(open(teacher_path)) if os.path.exists(teacher_path) else saved['teacher']
   report.write(_OUT.value, teacher, runs, wall_s=time.perf_counter() - t0,
-               teacher_data=teacher_data_stats(plan.TEACHER_CACHE, _OUT.value))
+               teacher_data=teacher_data_stats(plan.TEACHER_CACHE, saved.get('teacher_data', [])))
   print(f'results in {_OUT.value}')
 
 
