@@ -1,5 +1,5 @@
 """The gap part's table and curves (experiments/stories260k/gap.py): one row per lever and budget,
-the held-out NLL as the mean over the seeds run and its spread (max - min), each seed's value,
+the held-out NLL as the mean over the seeds run ± half their range, each seed's value,
 and the out-of-domain NLL; rows not run yet are listed as such, never filled in."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Tables (Markdown), plots (PNG) and one JSON of everything, from the study's saved runs."""
+"""Tables (Markdown), plots (PNG, drawn by plots.py) and one JSON of everything, from the study's
+saved runs."""
 
 from __future__ import annotations
 
@@ -6,15 +7,10 @@ import json
 import os
 from typing import Any
 
-import matplotlib
+from experiments.stories260k import plan
+from experiments.stories260k.plots import VALID, plot_curves, plot_grid
+from experiments.stories260k.story_columns import STORY_HEADER, story, story_note, with_story
 
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
-
-from experiments.stories260k import plan  # noqa: E402
-from experiments.stories260k.story_columns import STORY_HEADER, story, story_note, with_story  # noqa: E402
-
-VALID = 'tinystories_valid_1000.txt'
 SHAKESPEARE = 'tinyshakespeare.txt'
 
 
@@ -109,54 +105,6 @@ def simple_table(teacher: dict, runs: list[dict], label, curve: bool = False) ->
               f"{r['distill']['tokens_per_s']:,.0f}" if r.get('distill') else '']
   with_story(header, rows, [r.get('after') for r in runs])
   return table(header, rows)
-
-
-def plot_curves(out: str, teacher: dict, curves: dict[str, list[dict]], name: str, title: str,
-                ylim: tuple[float, float] | None = None) -> str:
-  """Held-out NLL against step; many curves get the legend beside the axes, not over them."""
-  wide = len(curves) > 5
-  fig, ax = plt.subplots(figsize=(11, 4.5) if wide else (6, 4))
-  for label, points in curves.items():
-    pts = [(p['step'], p['eval_nll']) for p in points if 'eval_nll' in p]
-    if pts:
-      ax.plot(*zip(*pts), marker='o', ms=3, label=label)
-  ax.axhline(teacher.get('first200_nll') or teacher['texts'][VALID]['nll'], color='k', ls='--',
-             label='teacher')
-  ax.set_xlabel('distillation step')
-  ax.set_ylabel('held-out NLL (first 200 stories)')
-  ax.set_title(title)
-  if ylim:
-    ax.set_ylim(*ylim)
-  if wide:
-    ax.legend(loc='center left', bbox_to_anchor=(1.02, 0.5), fontsize=8)
-  else:
-    ax.legend()
-  fig.tight_layout()
-  path = os.path.join(out, name)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
-
-
-def plot_grid(out: str, teacher: dict, runs: dict) -> str:
-  fig, ax = plt.subplots(figsize=(6, 4))
-  by_init: dict[str, list] = {}
-  for run in runs.values():
-    if run['part'] == 'grid' and run.get('after'):
-      key = run['init'] if not run['init'].startswith('SVD ') or run['init'] == 'SVD paper' else 'SVD RoPE-consistent'
-      by_init.setdefault(key, []).append((100 * run['kv_fraction'], run['after']['texts'][VALID]['nll']))
-  for label, pts in sorted(by_init.items()):
-    ax.plot(*zip(*sorted(pts)), marker='o', label=label)
-  ax.axhline(teacher['texts'][VALID]['nll'], color='k', ls='--', label='teacher')
-  ax.set_xscale('log')
-  ax.set_xlabel('KV cache kept (% of the teacher)')
-  ax.set_ylabel('held-out NLL after distillation')
-  ax.legend()
-  fig.tight_layout()
-  path = os.path.join(out, 'compression.png')
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
 
 
 def write(out: str, teacher: dict, runs: dict[str, dict], wall_s: float,
