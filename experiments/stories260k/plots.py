@@ -12,6 +12,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 VALID = 'tinystories_valid_1000.txt'  # the held-out text every table and curve is measured on
 
 
+def _save(fig, out: str, name: str) -> str:
+  fig.tight_layout()
+  path = os.path.join(out, name)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
 def plot_curves(out: str, teacher: dict, curves: dict[str, list[dict]], name: str, title: str,
                 ylim: tuple[float, float] | None = None) -> str:
   """Held-out NLL against step; many curves get the legend beside the axes, not over them."""
@@ -35,11 +43,7 @@ def plot_curves(out: str, teacher: dict, curves: dict[str, list[dict]], name: st
     ax.legend(loc='center left', bbox_to_anchor=(1.02, 0.5), fontsize=8)
   else:
     ax.legend()
-  fig.tight_layout()
-  path = os.path.join(out, name)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(fig, out, name)
 
 
 def plot_grid(out: str, teacher: dict, runs: dict) -> str:
@@ -56,8 +60,4 @@ def plot_grid(out: str, teacher: dict, runs: dict) -> str:
   ax.set_xlabel('KV cache kept (% of the teacher)')
   ax.set_ylabel('held-out NLL after distillation')
   ax.legend()
-  fig.tight_layout()
-  path = os.path.join(out, 'compression.png')
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(fig, out, 'compression.png')
