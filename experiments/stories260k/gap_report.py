@@ -74,6 +74,11 @@ def section(teacher: dict, runs: dict, teacher_data: list[dict]) -> list[str]:
               f"{s['stories_per_s']:.1f} stories/s = {s['tokens_per_s']:,.0f} tokens/s "
               f"({s['decoded_positions_per_s']:,.0f} decoded positions/s, batch {s['batch']}, "
               f"compilation excluded) on this machine, while a study run shared its 2 cores.\n")
+  aligned = [f"{n} {r['before']['nll']:.3f} -> {r['after_align']['nll']:.3f}"
+             for n, r in sorted(runs.items()) if n.startswith('gap_') and r.get('after_align')]
+  if aligned:
+    md.append('The align stage alone (held-out NLL at the SVD start -> after align, before '
+              'distillation): ' + '; '.join(aligned) + '.\n')
   left = missing(runs)
   if left:
     md.append(f'Not run yet ({len(left)}): ' + ', '.join(left) + '.\n')

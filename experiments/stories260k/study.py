@@ -29,7 +29,7 @@ from absl import app, flags, logging
 
 from configs import stories260k
 from experiments.stories260k import plan, report
-from xecomla import pipeline
+from xecomla import fileio, pipeline
 
 _RUNS = flags.DEFINE_string('runs', 'runs/study', 'Where the runs\' work directories go.')
 _OUT = flags.DEFINE_string('out', 'experiments/stories260k/results', 'Tables, plots, JSON.')
@@ -82,6 +82,27 @@ def curve(workdir: str) -> list[dict]:
   return [{k: v for k, v in json.loads(l).items() if k in keep} for l in open(path)]
 
 
+def evaluated(workdir: str, phase: str, spec: dict, stage: str) -> dict:
+  """Runs `stage` (init, or align after it) and evaluates the student it leaves on the 1000 held-out
+  stories, once: {'student': the evaluation, 'summary': what the stage returned}, kept in
+  W/study_<phase>.json, so a rerun after a stop reads it back instead of evaluating whichever
+  student came last."""
+  path = os.path.join(workdir, f'study_{phase}.json')
+  if os.path.exists(path):
+    return json.load(open(path))
+  c = config_for(spec['over'])
+  c.stages = f'{stage},eval'
+  c.eval.extra_paths = ''
+  c.eval.story_mc = 0  # scored after training only
+  res = pipeline.run(c, workdir)
+  if res['eval']['student']['stage'] != stage:
+    raise RuntimeError(f'{workdir}: evaluated the {res["eval"]["student"]["stage"]} student, not '
+                       f'{stage}\'s: delete the directory and rerun {spec["name"]}.')
+  result = {'student': res['eval']['student'], 'summary': res[stage]}
+  fileio.atomic_write_json(path, result)
+  return result
+
+
 def run_one(spec: dict) -> dict:
   name = spec['name']
   workdir = os.path.join(_RUNS.value, name)
@@ -90,11 +111,7 @@ def run_one(spec: dict) -> dict:
     return json.load(open(done))
   logging.info('study run %s: %s', name, spec)
   t0 = time.perf_counter()
-  c = config_for(spec['over'])
-  c.stages = 'init,eval'
-  c.eval.extra_paths = ''
-  c.eval.story_mc = 0  # scored after training only
-  before = pipeline.run(c, workdir)['eval']['student']
+  before = evaluated(workdir, 'before', spec, 'init')['student']
   out = {**spec, 'before': before, 'kv_values_per_token': before['kv_values_per_token'],
          'kv_fraction': before['kv_report']['kv_fraction'], 'ranks': before['ranks']}
   out['init_report'] = json.load(open(os.path.join(workdir, 'init', 'report.json')))
@@ -102,16 +119,15 @@ def run_one(spec: dict) -> dict:
     c = config_for(spec['over'])
     c.train.steps = spec['steps']
     c.stages = 'distill,dpo,eval' if spec.get('dpo') else 'distill,eval'
-    if spec.get('align'):
-      c.stages = 'align,' + c.stages
     t1 = time.perf_counter()
+    if spec.get('align'):  # distill then starts from the aligned student
+      aligned = evaluated(workdir, 'after_align', spec, 'align')
+      out['after_align'], out['align'] = aligned['student'], aligned['summary']
     res = pipeline.run(c, workdir)
     out['after'] = res['eval']['student']
     out['distill'] = res['distill']
     if spec.get('dpo'):
       out['dpo'] = res['dpo']
-    if spec.get('align'):
-      out['align'] = res['align']
     out['train_wall_s'] = round(time.perf_counter() - t1, 1)
     out['curve'] = curve(workdir)
   out['wall_s'] = round(time.perf_counter() - t0, 1)
