@@ -5,9 +5,10 @@
   python -m experiments.stories260k.study --report_only      # tables and plots from saved runs
   python -m experiments.stories260k.study --only=gap --names=gap_align_1000_s1   # chosen runs
 
-Every run goes through the product itself (xecomla.pipeline: init -> eval -> distill -> eval) in
-its own work directory under --runs; a finished run is read back, not redone. Per run it stores
-study.json (settings, KV cache, ranks, held-out NLL before and after distillation, the learning
+Every run goes through the product itself (xecomla.pipeline: init -> eval [-> align -> eval] ->
+distill -> eval) in its own work directory under --runs; a finished run is read back, not redone,
+and so is each evaluation before distillation (W/study_before.json, W/study_after_align.json).
+Per run it stores study.json (settings, KV cache, ranks, held-out NLL before and after distillation, the learning
 curve, wall time, throughput). `report.py` turns them into results/*.md tables and plots.
 
 Evaluation (the README definition): all 1000 held-out TinyStories validation stories, and the
