@@ -2,6 +2,7 @@
 the tests' small shapes: the student before training is init's and the one after the align stage is
 align's, each evaluated once and read back on a rerun, never whichever student came last."""
 
+import json
 import os
 import shutil
 import types
@@ -36,6 +37,7 @@ def test_run_evaluates_init_and_align_students_once(runs):
   assert (out['before']['stage'], out['after_align']['stage'], out['after']['stage']) == (
       'init', 'align', 'distill')
   assert out['align']['steps'] == 2 and len(out['align']['relative_mse']) == 5
+  assert out['init_report'] == json.load(open(runs / 'init' / 'report.json'))
   assert out['before']['nll'] != out['after_align']['nll']  # two different students
 
   # a rerun after a stop (no study.json) reads both evaluations back; distill resumes at its end
@@ -44,8 +46,9 @@ def test_run_evaluates_init_and_align_students_once(runs):
   assert again['before'] == out['before'] and again['after_align'] == out['after_align']
   assert again['after']['stage'] == 'distill'
 
-  # the old failure: a run stopped after align, its "before" never written, would have measured
-  # the aligned student as the SVD start; now it refuses
+  # the old failure: a run whose "before" was never written, with a later student in its
+  # directory (as when a first attempt stopped after align), measured that student as the SVD
+  # start; now it refuses
   os.remove(runs / 'study.json')
   os.remove(runs / 'study_before.json')
   with pytest.raises(RuntimeError, match="evaluated the distill student, not init's"):

@@ -8,8 +8,9 @@
 Every run goes through the product itself (xecomla.pipeline: init -> eval [-> align -> eval] ->
 distill -> eval) in its own work directory under --runs; a finished run is read back, not redone,
 and so is each evaluation before distillation (W/study_before.json, W/study_after_align.json).
-Per run it stores study.json (settings, KV cache, ranks, held-out NLL before and after distillation, the learning
-curve, wall time, throughput). `report.py` turns them into results/*.md tables and plots.
+Per run it stores study.json (settings, KV cache, ranks, held-out NLL before and after
+distillation, the learning curve, wall time, throughput). `report.py` turns them into
+results/*.md tables and plots.
 
 Evaluation (the README definition): all 1000 held-out TinyStories validation stories, and the
 first 1000 paragraphs of tiny-shakespeare (out of domain), and story completion (eval.story_mc:
@@ -112,10 +113,11 @@ def run_one(spec: dict) -> dict:
     return json.load(open(done))
   logging.info('study run %s: %s', name, spec)
   t0 = time.perf_counter()
-  before = evaluated(workdir, 'before', spec, 'init')['student']
+  first = evaluated(workdir, 'before', spec, 'init')
+  before = first['student']
   out = {**spec, 'before': before, 'kv_values_per_token': before['kv_values_per_token'],
-         'kv_fraction': before['kv_report']['kv_fraction'], 'ranks': before['ranks']}
-  out['init_report'] = json.load(open(os.path.join(workdir, 'init', 'report.json')))
+         'kv_fraction': before['kv_report']['kv_fraction'], 'ranks': before['ranks'],
+         'init_report': first['summary']}  # init's report, as W/init/report.json holds it
   if spec.get('steps'):
     c = config_for(spec['over'])
     c.train.steps = spec['steps']
