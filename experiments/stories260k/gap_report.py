@@ -73,7 +73,8 @@ def section(teacher: dict, runs: dict, teacher_data: list[dict]) -> list[str]:
               f"tokens), {s.get('mean_tokens', 0):.0f} tokens each on average, generated at "
               f"{s['stories_per_s']:.1f} stories/s = {s['tokens_per_s']:,.0f} tokens/s "
               f"({s['decoded_positions_per_s']:,.0f} decoded positions/s, batch {s['batch']}, "
-              f"compilation excluded) on this machine, while a study run shared its 2 cores.\n")
+              f"compilation excluded) on the machine that generated them, while a study run "
+              f"shared its 2 cores.\n")
   aligned = [f"{n} {r['before']['nll']:.3f} -> {r['after_align']['nll']:.3f}"
              for n, r in sorted(runs.items()) if n.startswith('gap_') and r.get('after_align')]
   if aligned:

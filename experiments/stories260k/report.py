@@ -187,8 +187,9 @@ def write(out: str, teacher: dict, runs: dict[str, dict], wall_s: float,
     plots.append(plot_curves(out, teacher, curves, 'curves_9p4.png', 'Learning curves at 9.4% KV'))
   md += ['## Plots\n'] + [f'![{os.path.basename(p)}]({os.path.basename(p)})\n' for p in plots]
   total = sum(r.get('wall_s', 0) for r in runs.values())
-  md.append(f'\nWall time: the {len(runs)} runs took {total / 3600:.2f} h in all on this machine '
-            f'(the sum of their measured wall times, study.json; the teacher row not counted); '
+  md.append(f'\nWall time: the {len(runs)} runs took {total / 3600:.2f} h in all on the machines '
+            f'they ran on (README.md here says which; the sum of their measured wall times, '
+            f'study.json; the teacher row not counted); '
             f'this report run took {wall_s / 60:.1f} min.\n')
   with open(os.path.join(out, 'tables.md'), 'w') as f:
     f.write('\n'.join(md))
