@@ -1,4 +1,5 @@
-"""Attention alone, forward + backward, reference (einsums) against xla (jax.nn.dot_product_attention):
+"""Attention alone, forward + backward: reference (einsums), blocked (the same in causal blocks,
+CPU's `auto`) and xla (jax.nn.dot_product_attention):
 GQA at the Llama-3.2-1B shape (32 query / 8 KV heads of 64) and the MLA explicit path of its r_kv-64
 student (d_qk 32 + d_r 32, d_v 64), called as the models call them, on two packed documents.
 
@@ -37,11 +38,15 @@ def cases(t: int) -> dict:
   def mla_attn(q_c, k_c, q_r, k_r, v, impl):
     if impl == 'reference':
       return attention.attend_shared_rope(q_c, k_c, q_r, k_r, v, mask, 0.125)
+    if impl == 'blocked':  # as models.mla calls it
+      shared = lambda qs, ks, m: attention.attend_shared_rope(qs[0], ks[0], qs[1], ks[1], ks[2], m,
+                                                              0.125)
+      return attention.causal_blocks(shared, (q_c, q_r), (k_c, k_r, v), mask)
     k = jnp.concatenate([k_c, jnp.broadcast_to(k_r[:, :, None, :], (B, t, N, 32))], -1)
     return attention.dot_product(jnp.concatenate([q_c, q_r], -1), k, v, mask, 0.125, impl)
 
   out = {}
-  for impl in ('reference', 'xla'):
+  for impl in ('reference', 'blocked', 'xla'):
     gqa_loss = lambda *a, impl=impl: jnp.sum(attention.dot_product(*a, mask, 0.125, impl) ** 2)
     mla_loss = lambda *a, impl=impl: jnp.sum(mla_attn(*a, impl) ** 2)
     out[('gqa', impl)] = (jax.jit(jax.grad(gqa_loss, (0, 1, 2))), gqa)

@@ -1,7 +1,7 @@
 """Every attention implementation (`model.attention`) computes the reference path's attention: a
 GQA Llama and an MLA student's explicit path on packed rows (several documents, padding), forward
-and gradients; splash in Pallas interpret mode on CPU; cudnn refused off a GPU; `auto` per
-platform."""
+and gradients; splash in Pallas interpret mode on CPU; causal blocks (`blocked`, CPU's `auto`) in
+their blocks; cudnn refused off a GPU; `auto` per platform."""
 
 import functools
 import importlib.util
@@ -59,9 +59,11 @@ def run(config, attention_name):
 
 
 @pytest.mark.parametrize('config,name', [(LLAMA, 'xla'), (MLA, 'xla'), (LLAMA, 'splash'),
-                                         (MLA, 'splash'), (MLA, 'auto')],
+                                         (MLA, 'splash'), (MLA, 'auto'), (LLAMA, 'blocked'),
+                                         (MLA, 'blocked')],
                          ids=['gqa_llama-xla', 'mla_explicit-xla', 'gqa_llama-splash',
-                              'mla_explicit-splash', 'mla_explicit-auto'])
+                              'mla_explicit-splash', 'mla_explicit-auto', 'gqa_llama-blocked',
+                              'mla_explicit-blocked'])
 def test_implementation_equals_the_reference_path(config, name):
   ref_logits, ref_grads = run(config, 'reference')
   logits, grads = run(config, name)
@@ -123,6 +125,27 @@ def test_shared_rope_key_scored_apart_equals_it_concatenated_per_head():
   within(jnp.abs(only_rope - ref).max(), f32_bound(max_abs(v), r + 2 * T))
 
 
+def test_causal_blocks_score_each_block_against_the_keys_up_to_its_end():
+  """T 100 in 6 blocks (MIN_BLOCK_ROWS 16): query rows [0, 16), [16, 33), ... against keys
+  [0, 16), [0, 33), ...; the outputs in row order; cross-attention refused."""
+  seen = []
+
+  def fn(qs, ks, m):
+    seen.append((qs[0].shape[1], ks[0].shape[1], m.shape[1:], ks[1] is None))
+    return qs[0] * ks[0].shape[1]
+
+  q = jnp.ones((2, T, 3))
+  out = attention.causal_blocks(fn, (q,), (q, None), jnp.ones((2, T, T), bool))
+  ends = [16, 33, 50, 66, 83, 100]
+  starts = [0] + ends[:-1]
+  assert seen == [(e - s, e, (e - s, e), True) for s, e in zip(starts, ends)]
+  np.testing.assert_array_equal(out[0, :, 0], np.repeat(ends, np.diff([0] + ends)))
+  with pytest.raises(ValueError, match='self-attention: 1 queries against 100 keys'):
+    attention.causal_blocks(fn, (q[:, :1],), (q,), jnp.ones((2, 1, T), bool))
+  with pytest.raises(UsageError, match=r"'blocked' is self-attention.*auto, reference or xla"):
+    kernels.resolve('blocked', jnp.float32, 8, 1, T)
+
+
 def test_segment_ids_from_the_mask_rebuild_it_causally_by_row():
   """Splash's assumption: for packed rows, same recovered id and key row <= query row is our
   position mask for every real query (padding queries attend to nothing in ours)."""
@@ -151,14 +174,15 @@ def test_cudnn_is_refused_off_a_gpu_with_the_fix():
 
 def test_auto_resolves_per_platform():
   assert kernels.target_platform() == 'cpu'
-  assert kernels.resolve('auto', jnp.float32, 8, T, T) == kernels.CPU_AUTO == 'xla'
+  assert kernels.resolve('auto', jnp.float32, 8, T, T) == kernels.CPU_AUTO == 'blocked'
+  assert kernels.resolve('auto', jnp.float32, 8, 1, T) == kernels.CPU_CROSS == 'xla'
   assert kernels.resolve('auto', jnp.bfloat16, 64, 2048, 2048, platform='gpu') == 'cudnn'
   assert kernels.resolve('auto', jnp.float32, 64, 2048, 2048, platform='gpu') == 'xla'
   assert kernels.resolve('auto', jnp.bfloat16, 12, 2048, 2048, platform='gpu') == 'xla'
   assert kernels.resolve('auto', jnp.bfloat16, 64, 2048, 2048, platform='tpu') == 'xla'  # no mesh
   with jax.set_mesh(sharding.make_mesh()):
     assert kernels.resolve('auto', jnp.bfloat16, 64, 2048, 2048, platform='tpu') == 'splash'
-  for name in ('reference', 'xla', 'splash'):
+  for name in ('reference', 'blocked', 'xla', 'splash'):
     assert kernels.resolve(name, jnp.float32, 8, T, T) == name
 
 

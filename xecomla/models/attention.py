@@ -14,9 +14,12 @@ import jax.numpy as jnp
 
 from xecomla.models import kernels
 
-# Attention kernels by name (config `model.attention`): `reference` is the einsum path below;
-# `xla`, `cudnn`, `splash` are in models.kernels; `auto` picks one per backend at trace time.
-IMPLEMENTATIONS = ('auto', 'reference', 'xla', 'cudnn', 'splash')
+# Attention kernels by name (config `model.attention`): `reference` is the einsum path below and
+# `blocked` the same in causal blocks (causal_blocks); `xla`, `cudnn`, `splash` are in
+# models.kernels; `auto` picks one per backend at trace time.
+IMPLEMENTATIONS = ('auto', 'reference', 'blocked', 'xla', 'cudnn', 'splash')
+CAUSAL_BLOCKS = 8      # query blocks of `blocked`: (n + 1) / 2n of the scores, 56% at 8
+MIN_BLOCK_ROWS = 16    # fewer blocks where the rows are short (one block: the reference path)
 
 NEG_INF = -1e30  # finite, so that fully masked (padding) rows give uniform weights, not NaN
 
@@ -67,6 +70,29 @@ def attend_shared_rope(q_c: jax.Array | None, k_c: jax.Array | None, q_r: jax.Ar
   return jnp.einsum('BNTS,BSNH->BTNH', probs.astype(v.dtype), v)
 
 
+def causal_blocks(fn, queries: tuple, keys: tuple, mask: jax.Array) -> jax.Array:
+  """fn(queries, keys, mask) run per block of query rows against only the keys up to the block's
+  last row, the outputs concatenated along T: the same attention as fn over the whole rows,
+  without the scores (and their backward) of the key rows after each block, all masked.
+
+  Self-attention only (T == S, no cache): exact when the mask never lets a query attend to a
+  later row, i.e. within each document positions increase along the row, as in packed training
+  and evaluation rows and left-padded prompts (splash's assumption too). queries [B, T, ...],
+  keys [B, S, ...] (None passes through), mask [B, T, S].
+  """
+  t = mask.shape[1]
+  if mask.shape[2] != t:
+    raise ValueError(f'causal blocks are self-attention: {t} queries against {mask.shape[2]} keys')
+  n = max(1, min(CAUSAL_BLOCKS, t // MIN_BLOCK_ROWS))
+  cut = lambda xs, lo, hi: tuple(None if x is None else x[:, lo:hi] for x in xs)
+  outs, start = [], 0
+  for i in range(n):
+    end = t * (i + 1) // n
+    outs.append(fn(cut(queries, start, end), cut(keys, 0, end), mask[:, start:end, :end]))
+    start = end
+  return outs[0] if n == 1 else jnp.concatenate(outs, axis=1)
+
+
 def dot_product(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
                 implementation: str = 'reference') -> jax.Array:
   """attend() by `implementation` (IMPLEMENTATIONS), resolved for the platform at trace time
@@ -75,6 +101,8 @@ def dot_product(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale
                          k.shape[1])
   if name == 'reference':
     return attend(q, k, v, mask, scale)
+  if name == 'blocked':
+    return causal_blocks(lambda qs, kv, m: attend(*qs, *kv, m, scale), (q,), (k, v), mask)
   if name in ('xla', 'cudnn'):
     return kernels.fused(q, k, v, mask, scale, name)
   return kernels.splash_attention(q, k, v, mask, scale,

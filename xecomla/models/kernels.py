@@ -23,11 +23,14 @@ from jax.sharding import PartitionSpec as P
 from xecomla import sharding
 from xecomla.cli import UsageError
 
-# CPU's `auto`: the faster of reference and xla, forward + backward on 2 CPU cores (float32,
-# interleaved medians): GQA attention alone at the Llama-3.2-1B shape (T 512) 619 -> 486 ms, MLA's
-# explicit attention 899 -> 561 ms; whole stories260K-shaped models at T 256: Llama 1016 -> 984 ms,
-# MLA student 1080 -> 996 ms.
-CPU_AUTO = 'xla'
+# CPU's `auto`: self-attention in causal blocks (models.attention.causal_blocks), else the faster
+# of reference and xla. Forward + backward on 2 CPU cores (float32, interleaved medians): GQA
+# attention alone at the Llama-3.2-1B shape (T 512) reference 619 -> xla 486 ms, MLA's explicit
+# attention 899 -> 561 ms (whole stories260K-shaped models at T 256: Llama 1016 -> 984 ms, MLA
+# student 1080 -> 996 ms); at the stories260K teacher's (B 16, T 256, 8 / 4 heads of 8; an Intel
+# Xeon, 9 rounds) xla 131 -> blocked 69 ms (benchmarks/BENCHMARKS.md has the whole models).
+CPU_AUTO = 'blocked'
+CPU_CROSS = 'xla'   # queries against other keys (T != S): a prefill into a cache
 HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 SPLASH_BLOCKS = (512, 256, 128)  # the largest that divides the (padded) sequence is used
 LANES = 128                      # splash's sequence blocks are multiples of 128
@@ -55,7 +58,8 @@ def resolve(name: str, dtype, head_dim: int, t: int, s: int, platform: str | Non
   compute dtype, head dim (the wider of query/key and value) and T queries against S keys.
 
   auto: TPU -> splash (xla where there is no mesh to run it per device on), GPU -> cudnn where
-  its limits allow (half precision) else xla, CPU -> CPU_AUTO. UsageError where `name` cannot run.
+  its limits allow (half precision) else xla, CPU -> CPU_AUTO for self-attention (T == S) else
+  CPU_CROSS. UsageError where `name` cannot run.
   """
   platform = platform or target_platform()
   if name == 'auto':
@@ -63,7 +67,7 @@ def resolve(name: str, dtype, head_dim: int, t: int, s: int, platform: str | Non
       return 'splash' if _partitionable() else 'xla'
     if platform == 'gpu':
       return 'cudnn' if cudnn_supports(dtype, head_dim, t, s) else 'xla'
-    return CPU_AUTO
+    return CPU_AUTO if t == s else CPU_CROSS
   if name == 'cudnn':
     if platform != 'gpu':
       raise UsageError(f"model.attention='cudnn' needs an NVIDIA GPU, but this runs on {platform}: "
@@ -72,6 +76,9 @@ def resolve(name: str, dtype, head_dim: int, t: int, s: int, platform: str | Non
       raise UsageError(f"model.attention='cudnn' needs bfloat16/float16 compute and a head dim "
                        f"that is a multiple of 8 up to 128 (got {jnp.dtype(dtype).name}, head dim "
                        f"{head_dim}, lengths {t}/{s}): set dtype=bfloat16 or model.attention=xla.")
+  if name == 'blocked' and t != s:
+    raise UsageError(f"model.attention='blocked' is self-attention, but {t} queries attend to {s} "
+                     'keys here: set model.attention=auto, reference or xla.')
   if name == 'splash' and platform == 'gpu':
     raise UsageError("model.attention='splash' is a TPU kernel and cannot run on a GPU: set "
                      'model.attention=auto, cudnn or xla.')

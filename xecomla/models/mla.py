@@ -32,7 +32,8 @@ import numpy as np
 from flax import nnx
 
 from xecomla.models import kernels, kvcache
-from xecomla.models.attention import attend_shared_rope, dot_product, masked_softmax
+from xecomla.models.attention import (attend_shared_rope, causal_blocks, dot_product,
+                                      masked_softmax)
 from xecomla.models.config import MLAConfig
 from xecomla.models.layers import RMSNorm, apply_rope, einsum, param
 from xecomla.models.llama import teacher_inv_freq
@@ -126,7 +127,10 @@ class MLAAttention(nnx.Module):
       # XLA:CPU's temporaries -25% at decode shapes, -10% at T 2048. XLA:TPU fuses the copy into
       # the dot (no temporaries) and keeps two float32 score buffers instead of one (1.55 -> 3.59
       # GiB/device for a 1B student's layer at T 2048), so there the key is concatenated.
-      if name == 'reference' and kernels.target_platform() != 'tpu':
+      if name == 'blocked':  # the shared key scored apart, in causal blocks
+        shared = lambda qs, ks, m: attend_shared_rope(qs[0], ks[0], qs[1], ks[1], ks[2], m, scale)
+        out = causal_blocks(shared, (q_c, q_r), (k_c, k_r, v), mask)
+      elif name == 'reference' and kernels.target_platform() != 'tpu':
         out = attend_shared_rope(q_c, k_c, q_r, k_r, v, mask, scale)
       else:  # one key per head (as fused kernels need it): the shared RoPE key repeated
         k = jnp.broadcast_to(k_r[:, :, None, :], (b, s, n, c.d_r))
