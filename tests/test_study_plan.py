@@ -6,7 +6,7 @@ import zlib
 
 import pytest
 
-from experiments.stories260k import gap, gap_report, plan, report, study
+from experiments.stories260k import demo_budget, gap, gap_report, plan, report, study
 from tests.conftest import require_shared_data
 from xecomla import pipeline
 
@@ -40,7 +40,7 @@ def test_kv_fractions_are_what_the_tables_say():
     values = over['mla.r_kv'] + over['mla.d_r']
     if s['part'] in ('grid', 'init'):
       assert values == plan.FRACTIONS[s['frac']] + 2, s['name']
-    if s['part'] in ('recipe', 'goal', 'loss', 'norm', 'dpo', 'gap'):
+    if s['part'] in ('recipe', 'goal', 'loss', 'norm', 'dpo', 'gap', 'demo'):
       want = 6 if s['name'].startswith('gap_') and '_9p4' in s['name'] else 10  # 6 / 64 = 9.4%
       assert values == want, s['name']                           # 10 / 64 = 15.6%
 
@@ -87,3 +87,18 @@ def test_teacher_story_stats_outlive_their_cache(tmp_path):
   (root / 'k3').mkdir()  # unfinished: no done.json
   stats = study.teacher_data_stats(str(root), [gone])
   assert stats == [gone, {'stories': 2, 'tokens': 10, 'key': 'k2', 'mean_tokens': 5.0}]
+
+
+def test_demo_budgets_fit_ten_minutes_and_their_table_averages_seeds():
+  """Each part-demo variant is estimated at about 10 minutes as the demo (the full recipe at its
+  measured 14 min 9 s), and its row averages the seeds run and lists the others as not run."""
+  assert round(demo_budget.estimate_s(300, 1000)) == 849
+  for align, steps in demo_budget.VARIANTS:
+    assert 570 <= demo_budget.estimate_s(align, steps) <= 630, (align, steps)
+  teacher = {'texts': {report.VALID: {'nll': 1.5}, report.SHAKESPEARE: {'nll': 4.8}}}
+  runs = {demo_budget.name(300, 600, 0): fake_run(1.8), demo_budget.name(300, 600, 1): fake_run(1.7)}
+  md = '\n'.join(demo_budget.section(teacher, runs))
+  row = [l for l in md.splitlines() if l.startswith('| 300 | 600 |')][0]
+  assert row.split(' | ')[3:7] == ['2', '1.7500 ± 0.0500', '+16.7%', 's0 1.8000, s1 1.7000']
+  assert demo_budget.name(0, 800, 1) in md.split('Not run yet')[1]
+  assert demo_budget.section(teacher, {}) == []

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
-from experiments.stories260k import gap
+from experiments.stories260k import demo_budget, gap
 
-PARTS = ('init', 'recipe', 'goal', 'grid', 'dynamic', 'loss', 'norm', 'dpo', 'long', 'gap')
+PARTS = ('init', 'recipe', 'goal', 'grid', 'dynamic', 'loss', 'norm', 'dpo', 'long', 'gap', 'demo')
 FRACTIONS = {'50%': 30, '25%': 14, '15.6%': 8, '9.4%': 4, '4.7%': 1}   # r_kv at d_r = 2
 INIT_FRACTIONS = ('50%', '25%', '15.6%', '9.4%')
 CONSISTENT = ('high_freq', 'low_freq', 'uniform', 'norm')
@@ -26,6 +26,7 @@ GOAL_LONG_STEPS = 2000   # twice the recipe's budget
 RECIPE = {'mla.r_kv': 8, 'mla.d_r': 2, 'mla.d_qk': 6, 'mla.rope_dims': 'paper', 'mla.r_q': 64,
           'train.lr': 3e-3, 'train.batch_size': 16, 'train.seq_len': 256,
           'distill.kl_weight': 1.0, 'distill.ce_weight': 0.0}
+BEST = {**RECIPE, 'mla.rope_dims': 'low_freq', 'mla.rope_key': 'fit'}  # goal_5: parts gap, demo
 CURVE = {'train.eval_every': 50, 'train.eval_docs': 200}
 TEACHER_CACHE = 'runs/study/teacher_data'  # the gap part's teacher stories, shared by its runs
 
@@ -117,8 +118,9 @@ def specs(part: str, run: Callable[[dict], dict]) -> Iterator[dict]:
   elif part == 'long':
     yield long_spec(run)
   elif part == 'gap':
-    best = {**RECIPE, 'mla.rope_dims': 'low_freq', 'mla.rope_key': 'fit'}  # goal_5
-    yield from gap.specs(best, TEACHER_CACHE)
+    yield from gap.specs(BEST, TEACHER_CACHE)
+  elif part == 'demo':
+    yield from demo_budget.specs(BEST)
 
 
 GOAL_STEPS = [  # (name, what changes against the recipe, overrides)

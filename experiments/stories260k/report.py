@@ -109,7 +109,7 @@ def simple_table(teacher: dict, runs: list[dict], label, curve: bool = False) ->
 
 def write(out: str, teacher: dict, runs: dict[str, dict], wall_s: float,
           teacher_data: list[dict] = ()) -> None:
-  from experiments.stories260k import gap_report  # it reads this module's helpers
+  from experiments.stories260k import demo_budget, gap_report  # they read this module's helpers
   os.makedirs(out, exist_ok=True)
   parts = {p: [r for r in runs.values() if r['part'] == p] for p in plan.PARTS}
   md = ['# stories260K study: tables\n',
@@ -170,6 +170,7 @@ def write(out: str, teacher: dict, runs: dict[str, dict], wall_s: float,
            simple_table(teacher, goal, lambda r: r.get('label', r['name']), curve=True)]
   if parts['gap'] or any(n in runs for n in gap_report.gap.SAME_RUN.values()):
     md += gap_report.section(teacher, runs, list(teacher_data))
+  md += demo_budget.section(teacher, runs)
   plots = []
   gap_curves = gap_report.curves(runs)
   if len(gap_curves) > 1:
