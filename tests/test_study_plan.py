@@ -102,3 +102,23 @@ def test_demo_budgets_fit_ten_minutes_and_their_table_averages_seeds():
   assert row.split(' | ')[3:7] == ['2', '1.7500 ± 0.0500', '+16.7%', 's0 1.8000, s1 1.7000']
   assert demo_budget.name(0, 800, 1) in md.split('Not run yet')[1]
   assert demo_budget.section(teacher, {}) == []
+
+
+def test_budget_curves_join_budgets_and_say_where_a_geometric_series_flattens():
+  """Each lever run at two budgets or more is a budget curve (teacher_fresh starts at the teacher
+  lever's 1000-step run, the same settings); three budgets whose gains shrink give the limit of
+  the geometric series through them: 2.0, 1.8, 1.7 -> 1.7 - 0.1^2 / (0.2 - 0.1) = 1.6."""
+  runs = {'goal_5_low_freq_fit': fake_run(2.05), gap.name('base', 1000, 1): fake_run(1.95),
+          'goal_long': fake_run(1.8), gap.name('base', 4000, 0): fake_run(1.7),
+          gap.name('teacher', 1000, 0): fake_run(1.9), gap.name('teacher_fresh', 2000, 0): fake_run(1.85),
+          gap.name('jsd', 1000, 0): fake_run(2.2)}
+  series = gap_report.budget_series(runs)
+  base, fresh = (gap.levers('')[k][0] for k in ('base', 'teacher_fresh'))
+  assert set(series) == {base, fresh}   # jsd: one budget only
+  assert series[base] == [(1000, 2.0, pytest.approx(0.05), 2), (2000, 1.8, 0.0, 1), (4000, 1.7, 0.0, 1)]
+  assert series[fresh] == [(1000, 1.9, 0.0, 1), (2000, 1.85, 0.0, 1)]
+  assert gap_report.flattens_at(series[base]) == pytest.approx(1.6)
+  assert gap_report.flattens_at(series[fresh]) is None                    # two budgets
+  assert gap_report.flattens_at([(1000, 2.0), (2000, 1.9), (4000, 1.7)]) is None  # gains grow
+  line = gap_report.budget_lines(series, 1.5)[0]
+  assert f'{base}: 1.6000 (+6.7%)' in line

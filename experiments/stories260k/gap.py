@@ -81,6 +81,8 @@ ORDER = [('align', 1000, 0), ('base', 1000, 1), ('align', 1000, 1), ('teacher', 
 # base at seed 0 is the goal part's run of the same settings (training does not depend on how
 # often the curve is evaluated): goal_5_low_freq_fit at 1000 steps, goal_long at 2000.
 SAME_RUN = {('base', RECIPE_STEPS, 0): 'goal_5_low_freq_fit', ('base', DOUBLE_STEPS, 0): 'goal_long'}
+# teacher_fresh at the recipe's budget has the teacher lever's settings (12,288 stories, one pass)
+SAME_LEVER_AT_RECIPE = {'teacher_fresh': 'teacher'}
 
 
 def name(lever: str, steps: int, seed: int) -> str:

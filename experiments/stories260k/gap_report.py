@@ -80,10 +80,54 @@ def section(teacher: dict, runs: dict, teacher_data: list[dict]) -> list[str]:
   if aligned:
     md.append('The align stage alone (held-out NLL at the SVD start -> after align, before '
               'distillation): ' + '; '.join(aligned) + '.\n')
+  md += budget_lines(budget_series(runs), t)
   left = missing(runs)
   if left:
     md.append(f'Not run yet ({len(left)}): ' + ', '.join(left) + '.\n')
   return md
+
+
+def budget_series(runs: dict) -> dict[str, list[tuple]]:
+  """Per lever run at two budgets or more: (steps, mean held-out NLL over the seeds, half their
+  spread, seeds)."""
+  out = {}
+  for lever, (label, _) in gap.levers('').items():
+    pts = []
+    for steps in (gap.RECIPE_STEPS, gap.DOUBLE_STEPS, gap.LONG_STEPS):
+      same = gap.SAME_LEVER_AT_RECIPE.get(lever) if steps == gap.RECIPE_STEPS else None
+      valid = [text_nll(r, VALID) for r in seeds_of(runs, same or lever, steps).values()]
+      if valid:
+        pts.append((steps, statistics.mean(valid), (max(valid) - min(valid)) / 2, len(valid)))
+    if len(pts) > 1:
+      out[label] = pts
+  return out
+
+
+def flattens_at(pts: list[tuple]) -> float | None:
+  """Where a curve measured at 1000, 2000 and 4000 steps goes if every further doubling of the
+  budget gains the same fraction of the previous doubling's gain as 4000 did of 2000 (a geometric
+  series through the three points, exact, so untested by them): L4 - d2^2 / (d1 - d2). None
+  unless the three budgets are there and the gains shrink (d1 > d2 > 0)."""
+  by_steps = {p[0]: p[1] for p in pts}
+  if not all(s in by_steps for s in (gap.RECIPE_STEPS, gap.DOUBLE_STEPS, gap.LONG_STEPS)):
+    return None
+  l1, l2, l4 = (by_steps[s] for s in (gap.RECIPE_STEPS, gap.DOUBLE_STEPS, gap.LONG_STEPS))
+  d1, d2 = l1 - l2, l2 - l4
+  return l4 - d2 * d2 / (d1 - d2) if d1 > d2 > 0 else None
+
+
+def budget_lines(series: dict[str, list[tuple]], teacher_nll: float) -> list[str]:
+  lines = []
+  for label, pts in series.items():
+    limit = flattens_at(pts)
+    if limit is not None:
+      lines.append(f'{label}: {limit:.4f} ({100 * (limit / teacher_nll - 1):+.1f}%)')
+  if not lines:
+    return []
+  return ['Where the budget curves flatten (budget.png), if every doubling past 4000 steps gains '
+          'the same fraction of the last doubling\'s gain as 2000 -> 4000 did of 1000 -> 2000 '
+          '(a geometric series through the three budgets; three points fix it exactly, so they '
+          'do not test it; the 4000-step points are one seed): ' + '; '.join(lines) + '.\n']
 
 
 def curves(runs: dict) -> dict[str, list[dict]]:

@@ -61,3 +61,23 @@ def plot_grid(out: str, teacher: dict, runs: dict) -> str:
   ax.set_ylabel('held-out NLL after distillation')
   ax.legend()
   return _save(fig, out, 'compression.png')
+
+
+def plot_budget(out: str, teacher_nll: float, series: dict[str, list[tuple]]) -> str:
+  """Held-out NLL (all 1000 stories) after training against the distillation budget, one line
+  per lever: (steps, mean over seeds, half their spread, seeds) points; the teacher, the goal
+  (within 2%) and +10% as horizontal lines."""
+  fig, ax = plt.subplots(figsize=(10, 4.5))
+  for k, (label, pts) in enumerate(series.items()):
+    steps, mean, half, _ = zip(*sorted(pts))
+    ax.errorbar([s * 16 * 256 / 1e6 for s in steps], mean, yerr=half, marker='o', ms=4,
+                capsize=3, label=label, color=f'C{k % 10}', ls=('-', '-.', ':')[k // 10 % 3])
+  for y, style, label in ((teacher_nll, '--', 'teacher'), (1.02 * teacher_nll, ':', 'goal (+2%)'),
+                          (1.10 * teacher_nll, '-.', '+10%')):
+    ax.axhline(y, color='k', ls=style, lw=1, label=label)
+  ax.set_xscale('log', base=2)
+  ax.set_xlabel('distillation tokens (M; 16 x 256 a step)')
+  ax.set_ylabel('held-out NLL (all 1000 stories)')
+  ax.set_title('How far each lever goes with the budget (15.6% KV unless noted)')
+  ax.legend(loc='center left', bbox_to_anchor=(1.02, 0.5), fontsize=8)
+  return _save(fig, out, 'budget.png')

@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from experiments.stories260k import plan
-from experiments.stories260k.plots import VALID, plot_curves, plot_grid
+from experiments.stories260k.plots import VALID, plot_budget, plot_curves, plot_grid
 from experiments.stories260k.story_columns import STORY_HEADER, story, story_note, with_story
 
 SHAKESPEARE = 'tinyshakespeare.txt'
@@ -176,6 +176,9 @@ def write(out: str, teacher: dict, runs: dict[str, dict], wall_s: float,
   if len(gap_curves) > 1:
     plots.append(plot_curves(out, teacher, gap_curves, 'curves_gap.png',
                              'Levers at 15.6% KV (seed 0)', ylim=(1.2, 2.4)))
+  budget = gap_report.budget_series(runs)
+  if budget:
+    plots.append(plot_budget(out, teacher['texts'][VALID]['nll'], budget))
   if parts['grid']:
     plots.append(plot_grid(out, teacher, runs))
   curves = {r['init']: r['curve'] for r in parts['recipe']}
