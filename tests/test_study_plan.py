@@ -122,3 +122,24 @@ def test_budget_curves_join_budgets_and_say_where_a_geometric_series_flattens():
   assert gap_report.flattens_at([(1000, 2.0), (2000, 1.9), (4000, 1.7)]) is None  # gains grow
   line = gap_report.budget_lines(series, 1.5)[0]
   assert f'{base}: 1.6000 (+6.7%)' in line
+
+
+def test_the_readme_headline_is_regenerated_between_its_markers_only(tmp_path):
+  """headline.update rewrites the table between the markers and nothing else; a README without
+  them is left as it is."""
+  from experiments.stories260k import headline
+  teacher = {'texts': {report.VALID: {'nll': 1.5}, report.SHAKESPEARE: {'nll': 4.8}}}
+  runs = {'goal_5_low_freq_fit': fake_run(1.8), gap.name('base', 1000, 1): fake_run(1.7),
+          gap.name('hidden', 2000, 0): fake_run(1.65), demo_budget.name(0, 800, 0): fake_run(1.9)}
+  text = headline.table(teacher, runs)
+  lines = text.splitlines()
+  assert lines[3].split(' | ')[1:5] == ['1000 (4.1M)', '2', '1.7500 ± 0.0500', '+16.7%']
+  assert lines[4].startswith('| + hidden-state MSE') and '| 2000 (8.2M) | 1 | 1.6500 |' in lines[4]
+  assert lines[5].startswith('| no align stage, hidden-state KD') and '| 800 (3.3M) | 1 | 1.9000 |' in lines[5]
+  readme = tmp_path / 'README.md'
+  readme.write_text(f'intro\n{headline.BEGIN}\nold table\n{headline.END}\nafter\n')
+  assert headline.update(str(readme), text)
+  assert readme.read_text() == f'intro\n{headline.BEGIN}\n{text}{headline.END}\nafter\n'
+  readme.write_text('no markers\n')
+  assert not headline.update(str(readme), text) and readme.read_text() == 'no markers\n'
+  assert not headline.update(str(tmp_path / 'absent.md'), text)

@@ -30,7 +30,7 @@ import time
 from absl import app, flags, logging
 
 from configs import stories260k
-from experiments.stories260k import plan, report
+from experiments.stories260k import headline, plan, report
 from xecomla import fileio, pipeline
 
 _RUNS = flags.DEFINE_string('runs', 'runs/study', 'Where the runs\' work directories go.')
@@ -39,6 +39,8 @@ _ONLY = flags.DEFINE_list('only', [], f'Parts to run (default all): {", ".join(p
 _NAMES = flags.DEFINE_list('names', [], 'Only these runs of the parts, in this order (e.g. to '
                            'share a part between two processes: a run is claimed only when done).')
 _REPORT_ONLY = flags.DEFINE_bool('report_only', False, 'Only rebuild tables and plots.')
+_README = flags.DEFINE_string('readme', 'README.md', 'The README whose study headline table '
+                              'the report regenerates (between headline.py\'s markers).')
 _KEEP = flags.DEFINE_bool('keep_checkpoints', False, 'Keep each run\'s checkpoints.')
 
 
@@ -221,6 +223,8 @@ def main(argv):
   teacher = json.load(open(teacher_path)) if os.path.exists(teacher_path) else saved['teacher']
   report.write(_OUT.value, teacher, runs, wall_s=time.perf_counter() - t0,
                teacher_data=teacher_data_stats(plan.TEACHER_CACHE, saved.get('teacher_data', [])))
+  if headline.update(_README.value, headline.table(teacher, runs)):
+    print(f'headline table regenerated in {_README.value}')
   print(f'results in {_OUT.value}')
 
 
