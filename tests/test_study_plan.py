@@ -4,6 +4,7 @@ with the KV cache its tables claim. (Running the study itself takes hours: see i
 import json
 import zlib
 
+import numpy as np
 import pytest
 
 from experiments.stories260k import demo_budget, gap, gap_report, plan, report, study
@@ -143,3 +144,19 @@ def test_the_readme_headline_is_regenerated_between_its_markers_only(tmp_path):
   readme.write_text('no markers\n')
   assert not headline.update(str(readme), text) and readme.read_text() == 'no markers\n'
   assert not headline.update(str(tmp_path / 'absent.md'), text)
+
+
+def test_by_position_splits_the_token_weighted_mean():
+  """Each part's mean and count come from exactly its tokens: the parts by context (or by story)
+  weigh back to the overall mean."""
+  from experiments.stories260k import by_position
+  rng = np.random.default_rng(0)
+  story, pos = rng.integers(0, 400, 5000), rng.integers(0, 512, 5000)
+  a = np.stack([story, pos, rng.random(5000)], axis=1).astype(np.float64)
+  parts = by_position.split(a)
+  assert parts['all'] == (pytest.approx(a[:, 2].mean()), 5000)
+  assert parts['first 200, context >=256'] == (
+      pytest.approx(a[(story < 200) & (pos >= 256), 2].mean()), int(((story < 200) & (pos >= 256)).sum()))
+  for a_key, b_key in (('context <256', 'context >=256'), ('first 200', 'the rest')):
+    (ma, na), (mb, nb) = parts[a_key], parts[b_key]
+    assert na + nb == 5000 and (ma * na + mb * nb) / 5000 == pytest.approx(parts['all'][0])
