@@ -160,3 +160,20 @@ def test_by_position_splits_the_token_weighted_mean():
   for a_key, b_key in (('context <256', 'context >=256'), ('first 200', 'the rest')):
     (ma, na), (mb, nb) = parts[a_key], parts[b_key]
     assert na + nb == 5000 and (ma * na + mb * nb) / 5000 == pytest.approx(parts['all'][0])
+
+
+def test_by_difficulty_weighs_tokens_within_teacher_quartiles():
+  """Stories are put in quartiles of the teacher's per-story NLL; each model's figure there is its
+  token-weighted NLL over those stories' tokens."""
+  from experiments.stories260k import by_position
+  # 8 stories, story s has s + 1 tokens of teacher NLL s (so quartiles hold stories 0-1, 2-3, ...)
+  story = np.repeat(np.arange(8), np.arange(1, 9))
+  teacher = np.stack([story, np.zeros_like(story), story], axis=1).astype(np.float64)
+  student = teacher.copy()
+  student[:, 2] = 10.0 + (np.arange(len(story)) % 2)   # 10, 11, 10, 11, ... along the tokens
+  rows = by_position.by_difficulty(teacher, {'teacher': teacher, 'student': student})
+  assert [r[:3] for r in rows] == [[1, '2 (2)', '3'], [2, '2 (2)', '7'], [3, '2 (2)', '11'],
+                                   [4, '2 (2)', '15']]
+  assert rows[0][3] == f'{(0 * 1 + 1 * 2) / 3:.4f}'                       # teacher, stories 0-1
+  first3 = student[:3, 2].mean()
+  assert rows[0][4] == f'{first3:.4f}'

@@ -5,7 +5,8 @@ that each start again at position 0, while evaluation predicts up to 512 tokens 
 from its whole context; 32% of the 1000 held-out stories' predicted tokens have more than 256
 tokens before them. This splits the held-out NLL (the README's definition, one story a row) by
 the predicted token's context (positions < 256 and >= 256) and by story (the first 200, the
-other 800), for the teacher and each student given:
+other 800), and by how hard each story is for the teacher (the quartiles of its per-story NLL;
+how many of the first 200 fall in each), for the teacher and each student given:
 
   python -m experiments.stories260k.by_position --workdirs=runs/study/NAME[,...] [--stage=distill]
 
@@ -70,6 +71,24 @@ def split(a: np.ndarray) -> dict[str, tuple[float, int]]:
   return out
 
 
+def by_difficulty(teacher: np.ndarray, models: dict[str, np.ndarray]) -> list[list]:
+  """Rows per quartile of the teacher's per-story NLL: the quartile, its stories (of them in the
+  first FIRST), its tokens, then each model's token-weighted NLL there (teacher first)."""
+  stories = teacher[:, 0].astype(int)
+  n = np.bincount(stories)
+  per_story = np.bincount(stories, teacher[:, 2]) / np.maximum(n, 1)
+  quartile = np.digitize(per_story, np.quantile(per_story[n > 0], [0.25, 0.5, 0.75]))
+  rows = []
+  for q in range(4):
+    mask = (quartile == q) & (n > 0)
+    row = [q + 1, f'{int(mask.sum())} ({int(mask[:FIRST].sum())})', f'{int(n[mask].sum()):,}']
+    for a in models.values():
+      s = a[:, 0].astype(int)
+      row.append(f'{np.bincount(s, a[:, 2], len(n))[mask].sum() / n[mask].sum():.4f}')
+    rows.append(row)
+  return rows
+
+
 def main(argv):
   del argv
   llama, params = hf.load_llama(_TEACHER.value)
@@ -80,11 +99,17 @@ def main(argv):
   for w in _WORKDIRS.value:
     cfg, p, _ = wd.load_student_from(w, _STAGE.value)
     models[w] = transformer.from_params(cfg, p)
-  res = {n: split(token_nlls(m, seqs, llama.max_seq_len + 1)) for n, m in models.items()}
+  nlls = {n: token_nlls(m, seqs, llama.max_seq_len + 1) for n, m in models.items()}
+  res = {n: split(a) for n, a in nlls.items()}
   print('| part | tokens | ' + ' | '.join(n for n in res) + ' |')
   print('|---|---|' + '---|' * len(res))
   for k, (_, count) in res['teacher'].items():
     print(f'| {k} | {count:,} | ' + ' | '.join(f'{res[n][k][0]:.4f}' for n in res) + ' |')
+  print(f'\n| teacher NLL quartile (1 = easiest) | stories (in the first {FIRST}) | tokens | '
+        + ' | '.join(nlls) + ' |')
+  print('|---|---|---|' + '---|' * len(nlls))
+  for row in by_difficulty(nlls['teacher'], nlls):
+    print('| ' + ' | '.join(str(c) for c in row) + ' |')
 
 
 if __name__ == '__main__':
