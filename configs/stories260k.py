@@ -13,7 +13,7 @@ study's part `demo`, experiments/stories260k/README.md): r_kv 8 + d_r 2 keeping 
 pre-trained RoPE pair (3) with a shared key fitted across heads, r_q 64, then 800 steps of
 forward-KL distillation on the 2 MiB text plus hidden-state KD (per-layer hidden-state MSE to the
 teacher's, weight 1): 1.8118 held-out (all 1000 stories, two seeds), against 1.8181 for 150 align
-steps + 700 and 1.8239 for 300 + 600 in the same minutes; 8.1 min as the demo on 2 idle cores of
+steps + 700 and 1.8238 for 300 + 600 in the same minutes; 8.1 min as the demo on 2 idle cores of
 an AMD EPYC. The best recipe at the study's 1000-step budget (1.7619) is `:align=300,steps=1000`,
 14 min as the demo on a slower EPYC.
 Teacher-generated data (`--config.data.teacher_stories=N`) does not fit the demo's minutes:
