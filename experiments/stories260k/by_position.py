@@ -78,14 +78,12 @@ def by_difficulty(teacher: np.ndarray, models: dict[str, np.ndarray]) -> list[li
   n = np.bincount(stories)
   per_story = np.bincount(stories, teacher[:, 2]) / np.maximum(n, 1)
   quartile = np.digitize(per_story, np.quantile(per_story[n > 0], [0.25, 0.5, 0.75]))
+  sums = [np.bincount(a[:, 0].astype(int), a[:, 2], len(n)) for a in models.values()]  # per story
   rows = []
   for q in range(4):
     mask = (quartile == q) & (n > 0)
-    row = [q + 1, f'{int(mask.sum())} ({int(mask[:FIRST].sum())})', f'{int(n[mask].sum()):,}']
-    for a in models.values():
-      s = a[:, 0].astype(int)
-      row.append(f'{np.bincount(s, a[:, 2], len(n))[mask].sum() / n[mask].sum():.4f}')
-    rows.append(row)
+    rows.append([q + 1, f'{int(mask.sum())} ({int(mask[:FIRST].sum())})', f'{int(n[mask].sum()):,}']
+                + [f'{s[mask].sum() / n[mask].sum():.4f}' for s in sums])
   return rows
 
 
