@@ -177,3 +177,14 @@ def test_by_difficulty_weighs_tokens_within_teacher_quartiles():
   assert rows[0][3] == f'{(0 * 1 + 1 * 2) / 3:.4f}'                       # teacher, stories 0-1
   first3 = student[:3, 2].mean()
   assert rows[0][4] == f'{first3:.4f}'
+
+
+@pytest.mark.parametrize('module', ['report', 'plan', 'demo_budget', 'headline', 'gap_report'])
+def test_each_study_module_imports_first(module):
+  """No import cycle among the study's modules: each imports in a fresh interpreter on its own."""
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  subprocess.run([sys.executable, '-c', f'import experiments.stories260k.{module}'], check=True,
+                 cwd=root)
