@@ -21,6 +21,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from experiments.stories260k import report
 from xecomla import eval as evaluation
 from xecomla import workdir as wd
 from xecomla.convert import hf
@@ -99,15 +100,11 @@ def main(argv):
     models[w] = transformer.from_params(cfg, p)
   nlls = {n: token_nlls(m, seqs, llama.max_seq_len + 1) for n, m in models.items()}
   res = {n: split(a) for n, a in nlls.items()}
-  print('| part | tokens | ' + ' | '.join(n for n in res) + ' |')
-  print('|---|---|' + '---|' * len(res))
-  for k, (_, count) in res['teacher'].items():
-    print(f'| {k} | {count:,} | ' + ' | '.join(f'{res[n][k][0]:.4f}' for n in res) + ' |')
-  print(f'\n| teacher NLL quartile (1 = easiest) | stories (in the first {FIRST}) | tokens | '
-        + ' | '.join(nlls) + ' |')
-  print('|---|---|---|' + '---|' * len(nlls))
-  for row in by_difficulty(nlls['teacher'], nlls):
-    print('| ' + ' | '.join(str(c) for c in row) + ' |')
+  print(report.table(['part', 'tokens', *res], [
+      [k, f'{count:,}'] + [f'{res[n][k][0]:.4f}' for n in res]
+      for k, (_, count) in res['teacher'].items()]))
+  print(report.table(['teacher NLL quartile (1 = easiest)', f'stories (in the first {FIRST})',
+                      'tokens', *nlls], by_difficulty(nlls['teacher'], nlls)))
 
 
 if __name__ == '__main__':
