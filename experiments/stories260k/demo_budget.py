@@ -59,8 +59,8 @@ def section(teacher: dict, runs: dict) -> list[str]:
              if runs.get(name(align, steps, s), {}).get('after')}
     if not found:
       continue
-    valid = [r['after']['texts'][report.VALID]['nll'] for r in found.values()]
-    ood = [r['after']['texts'][report.SHAKESPEARE]['nll'] for r in found.values()]
+    valid = [gap_report.text_nll(r, report.VALID) for r in found.values()]
+    ood = [gap_report.text_nll(r, report.SHAKESPEARE) for r in found.values()]
     f200 = [float(report.first200(r)) for r in found.values() if report.first200(r)]
     rows.append([align, steps, f'{estimate_s(align, steps) / 60:.1f}', len(found),
                  gap_report.cell(valid), f'{100 * (statistics.mean(valid) / t - 1):+.1f}%',
